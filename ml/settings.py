@@ -1,0 +1,87 @@
+"""One typed settings object for the pipeline, read from ``CT_*`` environment variables.
+
+Every default points at the local stack (``scripts/stack.py``) so a fresh checkout works
+without configuration; production overrides them through the environment (or Airflow
+connections, see ``plugins/ct_airflow/connections.py``). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Endpoints, credentials, storage layout and data-quality thresholds."""
+
+    model_config = SettingsConfigDict(env_prefix="CT_", frozen=True, extra="ignore")
+
+    # --- where state lives -------------------------------------------------------------
+    state_dir: Path = Field(REPO_ROOT / ".state", description="Local stack state: logs, pids, DBs.")
+
+    # --- S3 / MinIO ----------------------------------------------------------------------
+    s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API (MinIO).")
+    s3_access_key: str = Field("minioadmin", description="S3 access key.")
+    s3_secret_key: str = Field("minioadmin", description="S3 secret key.")
+    s3_secure: bool = Field(False, description="Use HTTPS for the S3 endpoint.")
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+    data_bucket: str = Field("ct-data", description="Bucket with raw/, snapshots/, quarantine/, reports/.")
+    mlflow_bucket: str = Field("mlflow-artifacts", description="Bucket MLflow stores artifacts in.")
+
+    # --- services ----------------------------------------------------------------------
+    mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server.")
+    ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Jobs API.")
+    serve_url: str = Field("http://127.0.0.1:8000", description="Ray Serve HTTP proxy.")
+
+    # --- dataset schema ----------------------------------------------------------------
+    dataset: str = Field("agnews", description="Dataset name: raw/<dataset>/<batch>/<file>.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    allowed_labels: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated allowed labels; empty = infer from data (see ml/validate.py).",
+    )
+
+    # --- data-quality gate -------------------------------------------------------------
+    min_text_chars: int = Field(1, ge=1, description="Shortest text accepted (after stripping).")
+    max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted, in characters.")
+    max_duplicate_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Largest share of rows whose text repeats another row."
+    )
+    min_rows_per_class: int = Field(5, ge=1, description="Fewest rows of each label present in a batch.")
+    max_object_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Raw objects larger than this are quarantined unread."
+    )
+
+    @field_validator("allowed_labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> Settings:
+        if self.text_column == self.label_column:
+            raise ValueError(
+                f"CT_TEXT_COLUMN and CT_LABEL_COLUMN are both {self.text_column!r}; they must differ"
+            )
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("CT_MIN_TEXT_CHARS must not exceed CT_MAX_TEXT_CHARS")
+        return self
+
+    @cached_property
+    def s3_url(self) -> str:
+        """The S3 endpoint as a URL (what boto3 / MLflow expect)."""
+        return f"{'https' if self.s3_secure else 'http'}://{self.s3_endpoint}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (e.g. from Airflow connections)."""
+    return Settings(**overrides)

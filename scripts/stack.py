@@ -1,0 +1,731 @@
+"""Local stack manager: moto S3, MLflow, a Ray head and Airflow standalone on 127.0.0.1.
+
+Run from the repo root::
+
+    .venv/bin/python scripts/stack.py up [SERVICE ...]     # s3, mlflow, ray, airflow
+    .venv/bin/python scripts/stack.py down [SERVICE ...]
+    .venv/bin/python scripts/stack.py status
+    eval "$(.venv/bin/python scripts/stack.py env)"
+
+Endpoints, credentials, buckets and the state directory come from
+``ml.settings.Settings`` (``CT_*`` variables). Logs go to
+``<state>/logs/<service>.log``, pids to ``<state>/pids/<service>.pid``. Pytest
+fixtures can use ``up``, ``down``, ``is_healthy``, ``service_env`` and
+``airflow_login``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ml.settings import Settings, load_settings  # noqa: E402
+
+log = logging.getLogger("stack")
+
+SERVICE_ORDER: tuple[str, ...] = ("s3", "mlflow", "ray", "airflow")
+VENV_BIN = Path(
+    sys.executable
+).parent  # not resolved: keep the venv's bin, not the base python's
+RAY_GCS_PORT = 6379
+AIRFLOW_PORT = 8080
+STOP_GRACE_S = 20.0
+PROGRESS_EVERY_S = 10.0
+LOG_TAIL_LINES = 30
+
+# Popen handles of services started by this process: keeps them from being reported as
+# "still running" when garbage-collected and lets us reap them (no zombies in pytest).
+_CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
+
+
+class StackError(RuntimeError):
+    """A service could not be started or its port belongs to something else."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """How to start, recognise and health-check one service of the stack."""
+
+    name: str
+    ports: tuple[int, ...]  # ports it listens on; must be free before a start
+    url: str  # what `status` shows
+    argv: list[str]
+    env: dict[str, str]
+    health: Callable[[], bool]
+    timeout_s: float  # how long to wait for `health` after starting
+    marker: str  # substring of the leader's command line that identifies our process
+    daemonizes: bool = False  # argv returns after forking daemons (ray): no pid file
+    stop_argv: list[str] | None = None  # how to stop a daemonizing service
+    after_start: Callable[[], None] | None = None  # idempotent set-up once healthy
+
+
+# --------------------------------------------------------------------------------------
+# paths and small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _state(s: Settings, *parts: str) -> Path:
+    """A path under the stack's state directory (created for directories on demand)."""
+    return Path(s.state_dir).resolve().joinpath(*parts)
+
+
+def _pid_file(s: Settings, name: str) -> Path:
+    return _state(s, "pids", f"{name}.pid")
+
+
+def _log_file(s: Settings, name: str) -> Path:
+    return _state(s, "logs", f"{name}.log")
+
+
+def _ray_token_path(s: Settings) -> Path:
+    return _state(s, "ray", "auth_token")
+
+
+def _airflow_home(s: Settings) -> Path:
+    return _state(s, "airflow")
+
+
+def _host_port(url_or_endpoint: str, default_port: int) -> tuple[str, int]:
+    """Host and port of ``http://host:port/...`` or a bare ``host:port``."""
+    if "//" not in url_or_endpoint:
+        url_or_endpoint = f"//{url_or_endpoint}"
+    parts = urlsplit(url_or_endpoint)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on ``port`` (a wildcard listener counts too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_owner(port: int) -> tuple[int, str] | None:
+    """(pid, process name) listening on ``port`` per ``ss -ltnp``, if known."""
+    try:
+        out = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{port}"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r'\("([^"]+)",pid=(\d+)', out)
+    return (int(match.group(2)), match.group(1)) if match else None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, session id) of a process from /proc, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[3])  # state, ppid, pgrp, session -> indexes 0..3
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (reaping it if it is our child)."""
+    for proc in _CHILDREN.values():
+        if proc.pid == pid:
+            proc.poll()
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid``; task processes may sit in their own groups."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[1] == sid and stat[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+def _signal_session(sid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to every process group that has members in session ``sid``."""
+    groups = set()
+    for pid in _session_members(sid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open(errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        return requests.get(url, headers=headers, timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# service definitions
+# --------------------------------------------------------------------------------------
+
+
+def _minio_client(s: Settings):  # -> minio.Minio
+    """A minio client that fails fast (no retries) so health checks stay snappy."""
+    import urllib3
+    from minio import Minio
+
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=2, read=5), retries=urllib3.Retry(total=0)
+    )
+    return Minio(
+        s.s3_endpoint,
+        access_key=s.s3_access_key,
+        secret_key=s.s3_secret_key,
+        secure=s.s3_secure,
+        region=s.s3_region,
+        http_client=http,
+    )
+
+
+def _s3_healthy(s: Settings) -> bool:
+    host, port = _host_port(s.s3_endpoint, 9000)
+    if _port_free(port, host):
+        return False
+    try:
+        _minio_client(s).list_buckets()
+    except Exception:  # noqa: BLE001 - any failure means "not healthy"
+        return False
+    return True
+
+
+def _make_buckets(s: Settings) -> None:
+    """Create the data and MLflow buckets if they do not exist yet."""
+    client = _minio_client(s)
+    for bucket in (s.data_bucket, s.mlflow_bucket):
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+            log.info("s3: created bucket %s", bucket)
+
+
+def _ray_token(s: Settings) -> str:
+    try:
+        return _ray_token_path(s).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ensure_ray_token(s: Settings) -> None:
+    """Generate the Ray auth token once (0600); later runs reuse it."""
+    path = _ray_token_path(s)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    log.info("ray: generated auth token at %s", path)
+
+
+def _ray_healthy(s: Settings) -> bool:
+    token = _ray_token(s)
+    if not token:
+        return False
+    headers = {"Authorization": f"Bearer {token}"}
+    return _http_ok(f"{s.ray_address.rstrip('/')}/api/jobs/", headers)
+
+
+def _airflow_health(s: Settings) -> dict | None:
+    try:
+        resp = requests.get(
+            f"http://127.0.0.1:{AIRFLOW_PORT}/api/v2/monitor/health", timeout=3
+        )
+    except requests.RequestException:
+        return None
+    return resp.json() if resp.status_code == 200 else None
+
+
+def _airflow_healthy(s: Settings) -> bool:
+    health = _airflow_health(s)
+    return bool(health) and health.get("scheduler", {}).get("status") == "healthy"
+
+
+def _airflow_connections(s: Settings) -> dict[str, str]:
+    """AIRFLOW_CONN_CT_* variables (JSON format) for S3, MLflow and Ray's dashboard."""
+    s3_host, s3_port = _host_port(s.s3_endpoint, 9000)
+    ml_host, ml_port = _host_port(s.mlflow_tracking_uri, 5000)
+    ray_host, ray_port = _host_port(s.ray_address, 8265)
+    conns = {
+        "CT_MINIO": {
+            "conn_type": "aws",
+            "host": s3_host,
+            "port": s3_port,
+            "login": s.s3_access_key,
+            "password": s.s3_secret_key,
+            "extra": {
+                "secure": s.s3_secure,
+                "region": s.s3_region,
+                "endpoint_url": s.s3_url,  # what the Amazon provider's hooks read
+                "region_name": s.s3_region,
+            },
+        },
+        "CT_MLFLOW": {
+            "conn_type": "http",
+            "host": ml_host,
+            "port": ml_port,
+            "schema": "http",
+        },
+        "CT_RAY": {
+            "conn_type": "http",
+            "host": ray_host,
+            "port": ray_port,
+            "schema": "http",
+        },
+    }
+    return {f"AIRFLOW_CONN_{key}": json.dumps(value) for key, value in conns.items()}
+
+
+def _services(s: Settings) -> dict[str, Service]:
+    """The four services, built from the current settings (no side effects)."""
+    base_env = {**os.environ, **service_env(s)}
+    s3_host, s3_port = _host_port(s.s3_endpoint, 9000)
+    ml_host, ml_port = _host_port(s.mlflow_tracking_uri, 5000)
+    _, dash_port = _host_port(s.ray_address, 8265)
+    airflow_home = _airflow_home(s)
+    python_path = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+    )
+
+    # fmt: off
+    mlflow_argv = [
+        str(VENV_BIN / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{_state(s, 'mlflow', 'mlflow.db')}",
+        "--artifacts-destination", f"s3://{s.mlflow_bucket}",
+        "--host", ml_host, "--port", str(ml_port), "--workers", "1",
+    ]
+    ray_argv = [
+        str(VENV_BIN / "ray"), "start", "--head",
+        "--node-ip-address", "127.0.0.1", "--port", str(RAY_GCS_PORT),
+        "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+        "--num-cpus", str(os.cpu_count() or 1), "--disable-usage-stats",
+    ]
+    # fmt: on
+
+    s3 = Service(
+        name="s3",
+        ports=(s3_port,),
+        url=s.s3_url,
+        argv=[str(VENV_BIN / "moto_server"), "-H", s3_host, "-p", str(s3_port)],
+        env=base_env,
+        health=lambda: _s3_healthy(s),
+        timeout_s=30,
+        marker="moto_server",
+        after_start=lambda: _make_buckets(s),
+    )
+    mlflow = Service(
+        name="mlflow",
+        ports=(ml_port,),
+        url=s.mlflow_tracking_uri,
+        argv=mlflow_argv,
+        env={**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        health=lambda: _http_ok(f"{s.mlflow_tracking_uri.rstrip('/')}/health"),
+        timeout_s=120,
+        marker="mlflow",
+    )
+    ray_env = {**base_env, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray = Service(
+        name="ray",
+        ports=(RAY_GCS_PORT, dash_port),
+        url=s.ray_address,
+        argv=ray_argv,
+        env=ray_env,
+        health=lambda: _ray_healthy(s),
+        timeout_s=120,
+        marker="gcs_server",
+        daemonizes=True,
+        stop_argv=[str(VENV_BIN / "ray"), "stop"],
+    )
+    airflow = Service(
+        name="airflow",
+        ports=(AIRFLOW_PORT,),
+        url=f"http://127.0.0.1:{AIRFLOW_PORT}",
+        argv=[str(VENV_BIN / "airflow"), "standalone"],
+        env={
+            **base_env,
+            **_airflow_connections(s),
+            "AIRFLOW_HOME": str(airflow_home),
+            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+            "PYTHONPATH": python_path,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": (
+                f"http://127.0.0.1:{AIRFLOW_PORT}/execution/"
+            ),
+            "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(AIRFLOW_PORT),
+        },
+        health=lambda: _airflow_healthy(s),
+        timeout_s=180,
+        marker="airflow standalone",
+    )
+    return {svc.name: svc for svc in (s3, mlflow, ray, airflow)}
+
+
+# --------------------------------------------------------------------------------------
+# process bookkeeping
+# --------------------------------------------------------------------------------------
+
+
+def _read_pid(s: Settings, name: str) -> int | None:
+    try:
+        return int(_pid_file(s, name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _our_pid(s: Settings, svc: Service) -> int | None:
+    """The leader pid of our running instance of ``svc``, or None."""
+    if svc.daemonizes:
+        # Ray: ours if the dashboard accepts our token; report the GCS server's pid.
+        if not svc.health():
+            return None
+        owner = _port_owner(RAY_GCS_PORT)
+        return owner[0] if owner else 0
+    pid = _read_pid(s, svc.name)
+    if pid and _alive(pid) and svc.marker in _cmdline(pid):
+        return pid
+    return None
+
+
+def _check_ports(svc: Service) -> None:
+    """Raise StackError naming the port and its owner if a port of ``svc`` is taken."""
+    for port in svc.ports:
+        if _port_free(port):
+            continue
+        owner = _port_owner(port)
+        who = f" by {owner[1]} (pid {owner[0]})" if owner else ""
+        raise StackError(
+            f"{svc.name}: port {port} is already in use{who}, not by this stack; "
+            f"stop it or point the CT_* settings elsewhere"
+        )
+
+
+def _wait_healthy(svc: Service, alive: Callable[[], bool]) -> float:
+    """Poll ``svc.health`` until it passes; return seconds waited or raise."""
+    start = time.monotonic()
+    next_report = start + PROGRESS_EVERY_S
+    while True:
+        if svc.health():
+            return time.monotonic() - start
+        elapsed = time.monotonic() - start
+        if not alive():
+            raise StackError(f"{svc.name}: process exited after {elapsed:.0f} s")
+        if elapsed > svc.timeout_s:
+            raise StackError(f"{svc.name}: not healthy after {svc.timeout_s:.0f} s")
+        if time.monotonic() >= next_report:
+            log.info("%s: waiting for health check (%.0f s)", svc.name, elapsed)
+            next_report += PROGRESS_EVERY_S
+        time.sleep(1)
+
+
+def _start(s: Settings, svc: Service) -> None:
+    """Launch ``svc`` detached (log to its log file); wait until healthy."""
+    log_path = _log_file(s, svc.name)
+    for directory in (
+        log_path.parent,
+        _pid_file(s, svc.name).parent,
+        _state(s, svc.name),
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+    if svc.name == "ray":
+        _ensure_ray_token(s)
+    log.info("%s: starting: %s", svc.name, shlex.join(svc.argv))
+    started = time.monotonic()
+    with log_path.open("ab") as fh:
+        fh.write(f"\n===== {time.strftime('%F %T')} {shlex.join(svc.argv)}\n".encode())
+        fh.flush()
+        proc = subprocess.Popen(
+            svc.argv,
+            env=svc.env,
+            cwd=_state(s, svc.name),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    if svc.daemonizes:
+        try:
+            rc = proc.wait(timeout=svc.timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_session(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -1
+        if rc != 0:
+            _fail(s, svc, f"{svc.name}: {svc.argv[0]} exited with {rc}")
+        ports = svc.ports
+
+        def alive() -> bool:
+            return not _port_free(ports[0])
+    else:
+        _CHILDREN[svc.name] = proc
+        _pid_file(s, svc.name).write_text(f"{proc.pid}\n")
+
+        def alive() -> bool:
+            return proc.poll() is None
+
+    try:
+        _wait_healthy(svc, alive)
+    except StackError as exc:
+        _fail(s, svc, str(exc))
+    log.info(
+        "%s: healthy after %.1f s at %s", svc.name, time.monotonic() - started, svc.url
+    )
+
+
+def _fail(s: Settings, svc: Service, message: str) -> None:
+    """Log the tail of the service's log and raise StackError(message)."""
+    log_path = _log_file(s, svc.name)
+    tail = _log_tail(log_path).rstrip()
+    log.error(
+        "%s\n--- last %d lines of %s ---\n%s", message, LOG_TAIL_LINES, log_path, tail
+    )
+    raise StackError(message)
+
+
+def _stop(s: Settings, svc: Service) -> None:
+    """Stop ``svc``: SIGTERM its session, SIGKILL after a grace period; or ray stop."""
+    if svc.daemonizes:
+        assert svc.stop_argv
+        with _log_file(s, svc.name).open("ab") as fh:
+            rc = subprocess.run(
+                svc.stop_argv,
+                env=svc.env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+            ).returncode
+        log.info("%s: `%s` exited with %d", svc.name, shlex.join(svc.stop_argv), rc)
+        return
+    pid_file = _pid_file(s, svc.name)
+    pid = _read_pid(s, svc.name)
+    if pid is None or not _session_members(pid):
+        log.info("%s: not running", svc.name)
+        pid_file.unlink(missing_ok=True)
+        _CHILDREN.pop(svc.name, None)
+        return
+    if svc.marker not in _cmdline(pid) and _alive(pid):
+        log.warning(
+            "%s: pid %d is not ours (%s); leaving it", svc.name, pid, _cmdline(pid)
+        )
+        pid_file.unlink(missing_ok=True)
+        return
+    log.info("%s: sending SIGTERM to session %d", svc.name, pid)
+    _signal_session(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _session_members(pid) and time.monotonic() < deadline:
+        _alive(pid)  # reaps the leader if it is our child
+        time.sleep(0.5)
+    leftovers = _session_members(pid)
+    if leftovers:
+        log.warning("%s: %s still running; SIGKILL", svc.name, leftovers)
+        _signal_session(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    child = _CHILDREN.pop(svc.name, None)
+    if child is not None:
+        child.wait(timeout=5)
+    pid_file.unlink(missing_ok=True)
+    log.info("%s: stopped", svc.name)
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+
+
+def _select(services: Iterable[str] | None) -> list[str]:
+    names = list(services) if services else list(SERVICE_ORDER)
+    unknown = sorted(set(names) - set(SERVICE_ORDER))
+    if unknown:
+        raise StackError(
+            f"unknown service(s) {unknown}; choose from {list(SERVICE_ORDER)}"
+        )
+    return [name for name in SERVICE_ORDER if name in names]
+
+
+def service_env(settings: Settings | None = None) -> dict[str, str]:
+    """Environment variables a client needs to talk to the stack (MLflow, S3, Ray)."""
+    s = settings or load_settings()
+    return {
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+        "MLFLOW_S3_ENDPOINT_URL": s.s3_url,
+        "AWS_ACCESS_KEY_ID": s.s3_access_key,
+        "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
+        "AWS_DEFAULT_REGION": s.s3_region,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_ray_token_path(s)),
+    }
+
+
+def up(services: Iterable[str] | None = None) -> list[str]:
+    """Start the given services (default: all) in order; return those it started."""
+    s = load_settings()
+    defs = _services(s)
+    started = []
+    for name in _select(services):
+        svc = defs[name]
+        pid = _our_pid(s, svc)
+        if pid is not None:
+            if not svc.health():
+                log.info("%s: pid %d is ours but not healthy yet; waiting", name, pid)
+                try:
+                    _wait_healthy(svc, lambda pid=pid: _alive(pid))
+                except StackError as exc:
+                    _fail(s, svc, str(exc))
+            log.info(
+                "%s: already running (pid %s), reusing %s", name, pid or "?", svc.url
+            )
+        else:
+            _pid_file(s, name).unlink(missing_ok=True)  # stale, if any
+            _check_ports(svc)
+            _start(s, svc)
+            started.append(name)
+        if svc.after_start:
+            svc.after_start()
+    return started
+
+
+def down(services: Iterable[str] | None = None) -> None:
+    """Stop the given services (default: all) in reverse order."""
+    s = load_settings()
+    defs = _services(s)
+    for name in reversed(_select(services)):
+        _stop(s, defs[name])
+
+
+def is_healthy(service: str) -> bool:
+    """True if ``service`` answers its health check right now."""
+    return _services(load_settings())[_select([service])[0]].health()
+
+
+def airflow_login() -> tuple[str, str]:
+    """(username, password) that Airflow standalone generated for its UI and API."""
+    path = (
+        _airflow_home(load_settings()) / "simple_auth_manager_passwords.json.generated"
+    )
+    users = json.loads(path.read_text())
+    username, password = next(iter(users.items()))
+    return username, password
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _status() -> int:
+    """Print one line per service and the Airflow login; 0 if all run, else 3."""
+    s = load_settings()
+    all_running = True
+    for name, svc in _services(s).items():
+        pid = _our_pid(s, svc)
+        healthy = (
+            svc.health() if pid is not None and not svc.daemonizes else pid is not None
+        )
+        state = (
+            "running" if healthy else ("unhealthy" if pid is not None else "stopped")
+        )
+        all_running &= healthy
+        print(f"{name:<8} {state:<10} pid={pid if pid else '-':<8} {svc.url}")
+    try:
+        user, password = airflow_login()
+        print(
+            f"airflow login: {user} / {password}  (UI http://127.0.0.1:{AIRFLOW_PORT})"
+        )
+    except (OSError, ValueError, StopIteration):
+        print("airflow login: not generated yet (start airflow first)")
+    return 0 if all_running else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: up / down / status / env."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, help_text in (("up", "start services"), ("down", "stop services")):
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument(
+            "services", nargs="*", metavar="SERVICE", help=", ".join(SERVICE_ORDER)
+        )
+    sub.add_parser("status", help="show what is running")
+    sub.add_parser("env", help="print `export` lines for clients")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "up":
+            up(args.services)
+        elif args.command == "down":
+            down(args.services)
+        elif args.command == "status":
+            return _status()
+        else:
+            for key, value in service_env().items():
+                print(f"export {key}={shlex.quote(value)}")
+    except StackError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
