@@ -1,0 +1,42 @@
+# Every command the README mentions; `make help` lists them.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: ## Create .venv with every pinned dependency (seconds when nothing changed)
+	@bash scripts/setup.sh
+
+up: setup ## Start the local stack: S3 (moto), MLflow, Ray head, Airflow
+	@$(PY) scripts/stack.py up
+
+down: ## Stop the local stack (S3 contents are in memory and go with it)
+	@$(PY) scripts/stack.py down
+
+status: ## Show the services, their URLs and the Airflow login
+	@$(PY) scripts/stack.py status
+
+seed: ## Load AG News into raw/ as dated batches (plus one bad batch)
+	@$(PY) -m ml.seed --bad-batch
+
+demo: up ## Set up, start the stack, seed data and run continuous_training through Airflow
+	@$(PY) scripts/demo.py
+
+lint: ## ruff (with the Airflow AIR rules) and format check
+	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
+
+test: setup lint ## Lint, then unit, DAG and integration tests (starts and stops the stack)
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## Unit and DAG tests only (no services)
+	@$(PY) -m pytest tests/unit tests/dags $(PYTEST_ARGS)
+
+clean: down ## Stop the stack and delete its state (.state/)
+	rm -rf .state
+
+.PHONY: help setup up down status seed demo lint test test-fast clean
