@@ -25,9 +25,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 DAG_ID = "continuous_training"
+
+
+def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
+    return {"dataset": params["dataset"]} if params.get("dataset") else {}
 
 
 @dag(
@@ -39,6 +43,14 @@ DAG_ID = "continuous_training"
     max_active_runs=1,
     doc_md=__doc__,
     tags=["continuous-training", "data-quality"],
+    params={
+        "dataset": Param(
+            None,
+            type=["null", "string"],
+            title="Dataset",
+            description="Dataset under raw/ to train on; empty uses CT_DATASET (default agnews).",
+        ),
+    },
     default_args={
         "owner": "ml-platform",
         "retries": 2,
@@ -59,7 +71,7 @@ def continuous_training() -> None:
         context = get_current_context()
         dag_run = context["dag_run"]
         cutoff = context.get("data_interval_end") or dag_run.run_after
-        settings = pipeline_settings()
+        settings = pipeline_settings(**_dataset_override(context["params"]))
         manifest = extract_snapshot(settings, run_id=dag_run.run_id, cutoff=cutoff, dag_id=DAG_ID)
         if manifest is None:
             raise AirflowSkipException(
@@ -81,7 +93,8 @@ def continuous_training() -> None:
         from ml.validate import NoValidDataError, validate_snapshot
 
         try:
-            summary = validate_snapshot(pipeline_settings(), snapshot["snapshot_id"])
+            settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
+            summary = validate_snapshot(settings, snapshot["snapshot_id"])
         except NoValidDataError as err:
             # Bad data does not get better on retry: fail for good, with the reasons.
             raise AirflowFailException(str(err)) from err

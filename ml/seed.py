@@ -50,9 +50,7 @@ def seed_raw(
     if missing:
         raise ValueError(f"{source} lacks columns {sorted(missing)}; expected a text,label CSV")
     if rows is not None:
-        frame = frame.groupby("label", group_keys=False).apply(
-            lambda g: g.head(max(1, rows // frame["label"].nunique()))
-        )
+        frame = frame.groupby("label").head(max(1, rows // frame["label"].nunique()))
     frame = frame.rename(columns={"text": settings.text_column, "label": settings.label_column})
     end = end or (datetime.now(UTC).date() - timedelta(days=1))
     keys = []

@@ -132,7 +132,7 @@ class DataGate:
         )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         ((identifier, result),) = outcome.run_results.items()
-        failures = [describe_failure(r) for r in result.results if not r.success]
+        failures = summarize_failures([r for r in result.results if not r.success])
         html = self.docs_dir.joinpath("validations", *identifier.to_tuple()).with_suffix(".html")
         return BatchVerdict(
             batch_id=batch_id,
@@ -142,6 +142,25 @@ class DataGate:
             result=result.to_json_dict(),
             html=html if html.exists() else None,
         )
+
+
+def summarize_failures(failed: list[Any]) -> list[str]:
+    """Describe failed expectations, missing columns first; checks on a missing column are
+    consequences of it and would only repeat the reason."""
+    missing = {
+        r.expectation_config.kwargs["column"]
+        for r in failed
+        if r.expectation_config.type == "expect_column_to_exist"
+    }
+    if missing:
+        failed = [
+            r
+            for r in failed
+            if r.expectation_config.type == "expect_column_to_exist"
+            or r.expectation_config.kwargs.get("column") not in missing
+        ]
+    failed.sort(key=lambda r: r.expectation_config.type != "expect_column_to_exist")
+    return [describe_failure(r) for r in failed]
 
 
 def describe_failure(expectation_result: Any) -> str:

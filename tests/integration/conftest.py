@@ -1,0 +1,60 @@
+"""The real local stack for integration tests: started on demand, stopped at the end.
+
+Services already running (a developer's `make up`) are reused and left running; the ones this
+session started are stopped when it ends, so no process outlives the test run.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+import pytest
+
+from ml.settings import Settings
+from ml.storage import ObjectStore
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import stack
+
+
+class StackManager:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def require(self, *services: str) -> None:
+        missing = [s for s in services if s not in self.started]
+        if missing:
+            self.started += stack.up(missing)
+
+    def stop(self) -> None:
+        if self.started:
+            stack.down(self.started)
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    manager = StackManager()
+    try:
+        yield manager
+    finally:
+        manager.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(local_stack) -> None:
+    local_stack.require("s3")
+
+
+@pytest.fixture
+def settings(s3) -> Settings:
+    """Settings on the local stack with a dataset name of its own: tests never share prefixes."""
+    return Settings(dataset=f"it-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def store(settings) -> ObjectStore:
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    return store
