@@ -17,6 +17,7 @@ fixtures can use ``up``, ``down``, ``is_healthy``, ``service_env`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,9 +33,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
+
+if TYPE_CHECKING:
+    from minio import Minio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -45,18 +50,23 @@ from ml.settings import Settings, load_settings  # noqa: E402
 log = logging.getLogger("stack")
 
 SERVICE_ORDER: tuple[str, ...] = ("s3", "mlflow", "ray", "airflow")
-VENV_BIN = Path(
-    sys.executable
-).parent  # not resolved: keep the venv's bin, not the base python's
+VENV_BIN = Path(sys.executable).parent  # not resolved: keep the venv's bin, not the base python's
 RAY_GCS_PORT = 6379
 AIRFLOW_PORT = 8080
 STOP_GRACE_S = 20.0
 PROGRESS_EVERY_S = 10.0
 LOG_TAIL_LINES = 30
 
-# Popen handles of services started by this process: keeps them from being reported as
-# "still running" when garbage-collected and lets us reap them (no zombies in pytest).
-_CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
+
+class _DetachedPopen(subprocess.Popen):
+    """A Popen for a service meant to outlive this process: no "still running" ResourceWarning."""
+
+    def __del__(self) -> None:
+        pass
+
+
+# Services started by this process, so a long-lived caller (pytest) can reap them: no zombies.
+_CHILDREN: dict[str, _DetachedPopen] = {}
 
 
 class StackError(RuntimeError):
@@ -75,9 +85,10 @@ class Service:
     health: Callable[[], bool]
     timeout_s: float  # how long to wait for `health` after starting
     marker: str  # substring of the leader's command line that identifies our process
-    daemonizes: bool = False  # argv returns after forking daemons (ray): no pid file
-    stop_argv: list[str] | None = None  # how to stop a daemonizing service
-    after_start: Callable[[], None] | None = None  # idempotent set-up once healthy
+    daemonizes: bool = False  # argv exits after forking daemons (ray); pid file = their session
+    stop_argv: list[str] | None = None  # run first by `down` (ray stop)
+    before_start: Callable[[], None] | None = None  # one-off preparation (the Ray token)
+    after_start: Callable[[], None] | None = None  # idempotent set-up once healthy (buckets)
 
 
 # --------------------------------------------------------------------------------------
@@ -86,7 +97,7 @@ class Service:
 
 
 def _state(s: Settings, *parts: str) -> Path:
-    """A path under the stack's state directory (created for directories on demand)."""
+    """An absolute path under the stack's state directory."""
     return Path(s.state_dir).resolve().joinpath(*parts)
 
 
@@ -111,7 +122,10 @@ def _host_port(url_or_endpoint: str, default_port: int) -> tuple[str, int]:
     if "//" not in url_or_endpoint:
         url_or_endpoint = f"//{url_or_endpoint}"
     parts = urlsplit(url_or_endpoint)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        return parts.hostname or "127.0.0.1", parts.port or default_port
+    except ValueError as exc:
+        raise StackError(f"bad endpoint {url_or_endpoint.lstrip('/')!r} in the CT_* settings: {exc}") from exc
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -128,12 +142,8 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
 def _port_owner(port: int) -> tuple[int, str] | None:
     """(pid, process name) listening on ``port`` per ``ss -ltnp``, if known."""
     try:
-        out = subprocess.run(
-            ["ss", "-ltnpH", f"sport = :{port}"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout
+        argv = ["ss", "-ltnpH", f"sport = :{port}"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r'\("([^"]+)",pid=(\d+)', out)
@@ -181,15 +191,11 @@ def _signal_session(sid: int, sig: signal.Signals) -> None:
     """Send ``sig`` to every process group that has members in session ``sid``."""
     groups = set()
     for pid in _session_members(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
     for pgid in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -212,14 +218,12 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _minio_client(s: Settings):  # -> minio.Minio
+def _minio_client(s: Settings) -> Minio:
     """A minio client that fails fast (no retries) so health checks stay snappy."""
     import urllib3
     from minio import Minio
 
-    http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=2, read=5), retries=urllib3.Retry(total=0)
-    )
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=5), retries=urllib3.Retry(total=0))
     return Minio(
         s.s3_endpoint,
         access_key=s.s3_access_key,
@@ -236,7 +240,7 @@ def _s3_healthy(s: Settings) -> bool:
         return False
     try:
         _minio_client(s).list_buckets()
-    except Exception:  # noqa: BLE001 - any failure means "not healthy"
+    except Exception:  # any failure means "not healthy"
         return False
     return True
 
@@ -277,19 +281,13 @@ def _ray_healthy(s: Settings) -> bool:
     return _http_ok(f"{s.ray_address.rstrip('/')}/api/jobs/", headers)
 
 
-def _airflow_health(s: Settings) -> dict | None:
+def _airflow_healthy() -> bool:
+    """The API server answers and reports the scheduler as healthy."""
     try:
-        resp = requests.get(
-            f"http://127.0.0.1:{AIRFLOW_PORT}/api/v2/monitor/health", timeout=3
-        )
-    except requests.RequestException:
-        return None
-    return resp.json() if resp.status_code == 200 else None
-
-
-def _airflow_healthy(s: Settings) -> bool:
-    health = _airflow_health(s)
-    return bool(health) and health.get("scheduler", {}).get("status") == "healthy"
+        resp = requests.get(f"http://127.0.0.1:{AIRFLOW_PORT}/api/v2/monitor/health", timeout=3)
+        return resp.status_code == 200 and resp.json()["scheduler"]["status"] == "healthy"
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return False
 
 
 def _airflow_connections(s: Settings) -> dict[str, str]:
@@ -311,32 +309,26 @@ def _airflow_connections(s: Settings) -> dict[str, str]:
                 "region_name": s.s3_region,
             },
         },
-        "CT_MLFLOW": {
-            "conn_type": "http",
-            "host": ml_host,
-            "port": ml_port,
-            "schema": "http",
-        },
-        "CT_RAY": {
-            "conn_type": "http",
-            "host": ray_host,
-            "port": ray_port,
-            "schema": "http",
-        },
+        "CT_MLFLOW": {"conn_type": "http", "host": ml_host, "port": ml_port},
+        "CT_RAY": {"conn_type": "http", "host": ray_host, "port": ray_port},
     }
     return {f"AIRFLOW_CONN_{key}": json.dumps(value) for key, value in conns.items()}
 
 
 def _services(s: Settings) -> dict[str, Service]:
     """The four services, built from the current settings (no side effects)."""
-    base_env = {**os.environ, **service_env(s)}
+    # Every service (and what it spawns by name: `airflow`, Ray jobs' `python`) runs
+    # from the venv and can `import ml`.
+    base_env = {
+        **os.environ,
+        **service_env(s),
+        "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     s3_host, s3_port = _host_port(s.s3_endpoint, 9000)
     ml_host, ml_port = _host_port(s.mlflow_tracking_uri, 5000)
     _, dash_port = _host_port(s.ray_address, 8265)
     airflow_home = _airflow_home(s)
-    python_path = os.pathsep.join(
-        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
-    )
 
     # fmt: off
     mlflow_argv = [
@@ -347,7 +339,7 @@ def _services(s: Settings) -> dict[str, Service]:
     ]
     ray_argv = [
         str(VENV_BIN / "ray"), "start", "--head",
-        "--node-ip-address", "127.0.0.1", "--port", str(RAY_GCS_PORT),
+        "--port", str(RAY_GCS_PORT),
         "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
         "--num-cpus", str(os.cpu_count() or 1), "--disable-usage-stats",
@@ -373,20 +365,20 @@ def _services(s: Settings) -> dict[str, Service]:
         env={**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         health=lambda: _http_ok(f"{s.mlflow_tracking_uri.rstrip('/')}/health"),
         timeout_s=120,
-        marker="mlflow",
+        marker="mlflow server",
     )
-    ray_env = {**base_env, "RAY_USAGE_STATS_ENABLED": "0"}
     ray = Service(
         name="ray",
         ports=(RAY_GCS_PORT, dash_port),
         url=s.ray_address,
         argv=ray_argv,
-        env=ray_env,
+        env={**base_env, "RAY_USAGE_STATS_ENABLED": "0"},
         health=lambda: _ray_healthy(s),
         timeout_s=120,
         marker="gcs_server",
         daemonizes=True,
         stop_argv=[str(VENV_BIN / "ray"), "stop"],
+        before_start=lambda: _ensure_ray_token(s),
     )
     airflow = Service(
         name="airflow",
@@ -397,22 +389,20 @@ def _services(s: Settings) -> dict[str, Service]:
             **base_env,
             **_airflow_connections(s),
             "AIRFLOW_HOME": str(airflow_home),
-            "PATH": os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]),
-            "PYTHONPATH": python_path,
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            # LocalExecutor forks `parallelism` idle workers up front (default 32).
+            "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": (
-                f"http://127.0.0.1:{AIRFLOW_PORT}/execution/"
-            ),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{AIRFLOW_PORT}/execution/",
             "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(AIRFLOW_PORT),
         },
-        health=lambda: _airflow_healthy(s),
+        health=_airflow_healthy,
         timeout_s=180,
         marker="airflow standalone",
     )
@@ -435,6 +425,7 @@ def _our_pid(s: Settings, svc: Service) -> int | None:
     """The leader pid of our running instance of ``svc``, or None."""
     if svc.daemonizes:
         # Ray: ours if the dashboard accepts our token; report the GCS server's pid.
+        # (Stale pid files are harmless: down only signals live members of that session.)
         if not svc.health():
             return None
         owner = _port_owner(RAY_GCS_PORT)
@@ -478,24 +469,20 @@ def _wait_healthy(svc: Service, alive: Callable[[], bool]) -> float:
 
 def _start(s: Settings, svc: Service) -> None:
     """Launch ``svc`` detached (log to its log file); wait until healthy."""
-    log_path = _log_file(s, svc.name)
-    for directory in (
-        log_path.parent,
-        _pid_file(s, svc.name).parent,
-        _state(s, svc.name),
-    ):
+    log_path, workdir = _log_file(s, svc.name), _state(s, svc.name)
+    for directory in (log_path.parent, _pid_file(s, svc.name).parent, workdir):
         directory.mkdir(parents=True, exist_ok=True)
-    if svc.name == "ray":
-        _ensure_ray_token(s)
+    if svc.before_start:
+        svc.before_start()
     log.info("%s: starting: %s", svc.name, shlex.join(svc.argv))
     started = time.monotonic()
     with log_path.open("ab") as fh:
         fh.write(f"\n===== {time.strftime('%F %T')} {shlex.join(svc.argv)}\n".encode())
         fh.flush()
-        proc = subprocess.Popen(
+        proc = _DetachedPopen(
             svc.argv,
             env=svc.env,
-            cwd=_state(s, svc.name),
+            cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -508,8 +495,9 @@ def _start(s: Settings, svc: Service) -> None:
             _signal_session(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = -1
+        _pid_file(s, svc.name).write_text(f"{proc.pid}\n")  # the daemons' session id
         if rc != 0:
-            _fail(s, svc, f"{svc.name}: {svc.argv[0]} exited with {rc}")
+            _fail(s, svc, f"{svc.name}: `{svc.argv[0]} {svc.argv[1]}` exited with {rc}", stop=True)
         ports = svc.ports
 
         def alive() -> bool:
@@ -524,61 +512,52 @@ def _start(s: Settings, svc: Service) -> None:
     try:
         _wait_healthy(svc, alive)
     except StackError as exc:
-        _fail(s, svc, str(exc))
-    log.info(
-        "%s: healthy after %.1f s at %s", svc.name, time.monotonic() - started, svc.url
-    )
+        _fail(s, svc, str(exc), stop=True)
+    log.info("%s: healthy after %.1f s at %s", svc.name, time.monotonic() - started, svc.url)
 
 
-def _fail(s: Settings, svc: Service, message: str) -> None:
-    """Log the tail of the service's log and raise StackError(message)."""
+def _fail(s: Settings, svc: Service, message: str, stop: bool = False) -> None:
+    """Log the tail of the service's log, stop the half-started service if asked, raise."""
     log_path = _log_file(s, svc.name)
     tail = _log_tail(log_path).rstrip()
-    log.error(
-        "%s\n--- last %d lines of %s ---\n%s", message, LOG_TAIL_LINES, log_path, tail
-    )
+    log.error("%s\n--- last %d lines of %s ---\n%s", message, LOG_TAIL_LINES, log_path, tail)
+    if stop:
+        _stop(s, svc)
     raise StackError(message)
 
 
 def _stop(s: Settings, svc: Service) -> None:
-    """Stop ``svc``: SIGTERM its session, SIGKILL after a grace period; or ray stop."""
-    if svc.daemonizes:
-        assert svc.stop_argv
+    """Stop ``svc`` (``stop_argv`` first if it has one), then SIGTERM what is left of its
+    session and SIGKILL it after a grace period."""
+    if svc.stop_argv:
         with _log_file(s, svc.name).open("ab") as fh:
-            rc = subprocess.run(
-                svc.stop_argv,
-                env=svc.env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                timeout=120,
-            ).returncode
-        log.info("%s: `%s` exited with %d", svc.name, shlex.join(svc.stop_argv), rc)
-        return
+            done = subprocess.run(
+                svc.stop_argv, env=svc.env, stdout=fh, stderr=subprocess.STDOUT, timeout=120
+            )
+        log.info("%s: `%s` exited with %d", svc.name, shlex.join(svc.stop_argv), done.returncode)
     pid_file = _pid_file(s, svc.name)
     pid = _read_pid(s, svc.name)
+    child = _CHILDREN.pop(svc.name, None)
     if pid is None or not _session_members(pid):
-        log.info("%s: not running", svc.name)
+        log.info("%s: %s", svc.name, "stopped" if svc.stop_argv else "not running")
         pid_file.unlink(missing_ok=True)
-        _CHILDREN.pop(svc.name, None)
         return
-    if svc.marker not in _cmdline(pid) and _alive(pid):
-        log.warning(
-            "%s: pid %d is not ours (%s); leaving it", svc.name, pid, _cmdline(pid)
-        )
+    if _alive(pid) and svc.marker not in _cmdline(pid):
+        log.warning("%s: pid %d is not ours (%s); leaving it", svc.name, pid, _cmdline(pid))
         pid_file.unlink(missing_ok=True)
         return
     log.info("%s: sending SIGTERM to session %d", svc.name, pid)
     _signal_session(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while _session_members(pid) and time.monotonic() < deadline:
-        _alive(pid)  # reaps the leader if it is our child
+        if child is not None:
+            child.poll()  # reap the leader so it does not linger as a zombie
         time.sleep(0.5)
     leftovers = _session_members(pid)
     if leftovers:
-        log.warning("%s: %s still running; SIGKILL", svc.name, leftovers)
+        log.warning("%s: %s still running after %.0f s; SIGKILL", svc.name, leftovers, STOP_GRACE_S)
         _signal_session(pid, signal.SIGKILL)
         time.sleep(0.5)
-    child = _CHILDREN.pop(svc.name, None)
     if child is not None:
         child.wait(timeout=5)
     pid_file.unlink(missing_ok=True)
@@ -594,9 +573,7 @@ def _select(services: Iterable[str] | None) -> list[str]:
     names = list(services) if services else list(SERVICE_ORDER)
     unknown = sorted(set(names) - set(SERVICE_ORDER))
     if unknown:
-        raise StackError(
-            f"unknown service(s) {unknown}; choose from {list(SERVICE_ORDER)}"
-        )
+        raise StackError(f"unknown service(s) {unknown}; choose from {list(SERVICE_ORDER)}")
     return [name for name in SERVICE_ORDER if name in names]
 
 
@@ -629,11 +606,9 @@ def up(services: Iterable[str] | None = None) -> list[str]:
                     _wait_healthy(svc, lambda pid=pid: _alive(pid))
                 except StackError as exc:
                     _fail(s, svc, str(exc))
-            log.info(
-                "%s: already running (pid %s), reusing %s", name, pid or "?", svc.url
-            )
+            log.info("%s: already running (pid %s), reusing %s", name, pid or "?", svc.url)
         else:
-            _pid_file(s, name).unlink(missing_ok=True)  # stale, if any
+            _pid_file(s, svc.name).unlink(missing_ok=True)  # stale, if any
             _check_ports(svc)
             _start(s, svc)
             started.append(name)
@@ -657,9 +632,7 @@ def is_healthy(service: str) -> bool:
 
 def airflow_login() -> tuple[str, str]:
     """(username, password) that Airflow standalone generated for its UI and API."""
-    path = (
-        _airflow_home(load_settings()) / "simple_auth_manager_passwords.json.generated"
-    )
+    path = _airflow_home(load_settings()) / "simple_auth_manager_passwords.json.generated"
     users = json.loads(path.read_text())
     username, password = next(iter(users.items()))
     return username, password
@@ -676,19 +649,13 @@ def _status() -> int:
     all_running = True
     for name, svc in _services(s).items():
         pid = _our_pid(s, svc)
-        healthy = (
-            svc.health() if pid is not None and not svc.daemonizes else pid is not None
-        )
-        state = (
-            "running" if healthy else ("unhealthy" if pid is not None else "stopped")
-        )
+        healthy = svc.health() if pid is not None and not svc.daemonizes else pid is not None
+        state = "running" if healthy else ("unhealthy" if pid is not None else "stopped")
         all_running &= healthy
         print(f"{name:<8} {state:<10} pid={pid if pid else '-':<8} {svc.url}")
     try:
         user, password = airflow_login()
-        print(
-            f"airflow login: {user} / {password}  (UI http://127.0.0.1:{AIRFLOW_PORT})"
-        )
+        print(f"airflow login: {user} / {password}  (UI http://127.0.0.1:{AIRFLOW_PORT})")
     except (OSError, ValueError, StopIteration):
         print("airflow login: not generated yet (start airflow first)")
     return 0 if all_running else 3
@@ -700,16 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for command, help_text in (("up", "start services"), ("down", "stop services")):
         p = sub.add_parser(command, help=help_text)
-        p.add_argument(
-            "services", nargs="*", metavar="SERVICE", help=", ".join(SERVICE_ORDER)
-        )
+        p.add_argument("services", nargs="*", metavar="SERVICE", help=", ".join(SERVICE_ORDER))
     sub.add_parser("status", help="show what is running")
     sub.add_parser("env", help="print `export` lines for clients")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
         if args.command == "up":

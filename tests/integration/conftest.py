@@ -6,6 +6,7 @@ session started are stopped when it ends, so no process outlives the test run.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 
@@ -17,6 +18,10 @@ from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import stack
+
+# What `eval "$(scripts/stack.py env)"` gives a user's shell: Ray's token auth, MLflow's S3
+# settings. Ray reads RAY_AUTH_MODE once per process, so it must be set before ray is imported.
+os.environ.update(stack.service_env())
 
 
 class StackManager:

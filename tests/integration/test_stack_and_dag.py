@@ -37,11 +37,9 @@ def airflow(full_stack):
     return client
 
 
-def test_mlflow_keeps_artifacts_in_s3(full_stack, tmp_path, monkeypatch):
+def test_mlflow_keeps_artifacts_in_s3(full_stack, tmp_path):
     import mlflow
 
-    for key, value in full_stack.items():
-        monkeypatch.setenv(key, value)
     settings = Settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_experiment(f"it-{uuid.uuid4().hex[:8]}")
@@ -55,7 +53,7 @@ def test_mlflow_keeps_artifacts_in_s3(full_stack, tmp_path, monkeypatch):
     assert Path(local).read_text() == "stored through the tracking server"
 
 
-def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack, monkeypatch):
+def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack):
     import requests
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -63,8 +61,6 @@ def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack, monkeypatch)
     # without the token the dashboard refuses the Jobs API
     assert requests.get(f"{settings.ray_address}/api/jobs/", timeout=10).status_code in {401, 403}
 
-    for key, value in full_stack.items():
-        monkeypatch.setenv(key, value)
     client = JobSubmissionClient(settings.ray_address)
     job_id = client.submit_job(entrypoint="python -c \"print('hello from ray')\"")
     deadline = time.monotonic() + 120
