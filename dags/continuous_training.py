@@ -7,9 +7,19 @@ Daily, this DAG turns newly arrived labelled text into a training snapshot that 
 |---|---|---|
 | `extract` | Collects the batches under `raw/<dataset>/<batch id>/` that are due by the run's data interval end and were not consumed by an earlier run; writes `snapshots/<snapshot id>/` (Parquet per batch + `manifest.json` with keys, etags, sha256, row counts, columns). | task log: snapshot id |
 | `validate` | Runs the Great Expectations suite `text_classification_batch` on every batch. A failing batch is **moved** (never deleted) to `quarantine/<dataset>/<batch id>/` with its validation JSON and Data Docs page; the rest is written to `snapshots/<id>/validated.parquet`. | task log: every failed expectation, the Data Docs URL |
+| `plan_training` | Builds the training config from the run's params and checks it (ZeRO stage, numbers) before anything is submitted. | task log: the config |
+| `train` | Submits `python -m ml.train` to the Ray cluster as a job with a deterministic id (a retry re-attaches instead of training twice), then waits in the triggerer, streaming the job log here. Ray Train runs DeepSpeed ZeRO on `num_workers` workers, checkpoints every epoch to S3 and resumes from the last checkpoint if a worker dies. | task log: the job log; Ray dashboard http://127.0.0.1:8265 |
+| `training_summary` | Reads the job's result: epochs, best validation macro-F1, the MLflow run. | task log: MLflow run URL |
+| `evaluate` | A Ray job scoring the new model (challenger) and the current `champion` on the **same** held-out test split of this snapshot; logs metrics and a confusion matrix to the run; decides promotion. | MLflow run → artifacts `evaluation/` |
+| `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | MLflow → Models → text-classifier |
 
 **No new data** → `extract` is *skipped* with a log line saying so, and so is everything after it.
 **Every batch bad** → `validate` fails (no retry) naming each batch and its first failed expectation.
+**Promotion gate**: the challenger becomes `champion` only if its test macro-F1 ≥ the champion's − `CT_GATE_TOLERANCE`
+and ≥ the floor (`gate_min_macro_f1` param / `CT_GATE_MIN_MACRO_F1`); otherwise it stays `challenger` and the serving model is untouched.
+
+**Manual runs** take the params in the trigger form (epochs, learning rate, workers, ZeRO stage, max length, …);
+scheduled runs use their defaults.
 
 **Operating it**
 - Add data: upload CSV / JSONL / Parquet with `text` and `label` columns to
@@ -22,12 +32,17 @@ Daily, this DAG turns newly arrived labelled text into a training snapshot that 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from ct_airflow.ray_job import RayJobOperator
+
 DAG_ID = "continuous_training"
+log = logging.getLogger(__name__)
 
 
 def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +64,41 @@ def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
             type=["null", "string"],
             title="Dataset",
             description="Dataset under raw/ to train on; empty uses CT_DATASET (default agnews).",
+        ),
+        "epochs": Param(
+            2,
+            type="integer",
+            minimum=0,
+            maximum=50,
+            title="Epochs",
+            description="0 registers the untrained base model (useful to test the gate).",
+        ),
+        "learning_rate": Param(1e-4, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate"),
+        "batch_size": Param(16, type="integer", minimum=1, maximum=1024, title="Micro-batch per worker"),
+        "num_workers": Param(2, type="integer", minimum=1, maximum=64, title="Ray Train workers"),
+        "use_gpu": Param(False, type="boolean", title="One GPU per worker"),
+        "zero_stage": Param(
+            2,
+            type="integer",
+            enum=[0, 1, 2, 3],
+            title="DeepSpeed ZeRO stage",
+            description="0 = plain data parallel; 2 shards optimizer state and gradients; 3 also parameters.",
+        ),
+        "max_length": Param(64, type="integer", minimum=8, maximum=512, title="Max tokens per text"),
+        "max_rows": Param(
+            None,
+            type=["null", "integer"],
+            minimum=10,
+            title="Row cap",
+            description="Use at most this many validated rows (quick trials). Empty = all.",
+        ),
+        "gate_min_macro_f1": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            title="Promotion floor",
+            description="Override CT_GATE_MIN_MACRO_F1 for this run.",
         ),
     },
     default_args={
@@ -107,7 +157,142 @@ def continuous_training() -> None:
             "data_docs": summary["data_docs"],
         }
 
-    validate(extract())
+    @task
+    def plan_training(gate: dict[str, Any]) -> dict[str, Any]:
+        """Turn the run's params into a checked TrainConfig and the Ray job's entrypoint."""
+        import shlex
+
+        from airflow.sdk.exceptions import AirflowFailException
+        from pydantic import ValidationError
+
+        from ct_airflow.settings import pipeline_settings
+        from ml.settings import settings_env
+        from ml.train import TrainConfig
+
+        context = get_current_context()
+        params, dag_run = context["params"], context["dag_run"]
+        settings = pipeline_settings(**_dataset_override(params))
+        run_name = training_run_name(gate["snapshot_id"], dag_run.run_id)
+        try:
+            config = TrainConfig(
+                snapshot_id=gate["snapshot_id"],
+                run_name=run_name,
+                epochs=params["epochs"],
+                learning_rate=params["learning_rate"],
+                batch_size=params["batch_size"],
+                num_workers=params["num_workers"],
+                use_gpu=params["use_gpu"],
+                zero_stage=params["zero_stage"],
+                max_length=params["max_length"],
+                max_rows=params["max_rows"],
+                trigger_reason=trigger_reason(dag_run),
+                dag_run_id=dag_run.run_id,
+            )
+        except ValidationError as err:
+            raise AirflowFailException(f"training config rejected before submission: {err}") from err
+        result_key = f"training/{run_name}/result.json"
+        env = settings_env(settings)
+        if params.get("gate_min_macro_f1") is not None:
+            env["CT_GATE_MIN_MACRO_F1"] = str(params["gate_min_macro_f1"])
+        return {
+            "snapshot_id": gate["snapshot_id"],
+            "run_name": run_name,
+            "result_key": result_key,
+            "entrypoint": "python -m ml.train --config "
+            f"{shlex.quote(config.model_dump_json())} --result-key {shlex.quote(result_key)}",
+            "runtime_env": {"env_vars": env},
+        }
+
+    @task
+    def training_summary(plan: dict[str, Any]) -> dict[str, Any]:
+        """Read the training job's result and build the evaluation job's entrypoint."""
+        import shlex
+
+        from ct_airflow.settings import pipeline_settings
+        from ml.storage import ObjectStore
+
+        settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
+        result = ObjectStore(settings).get_json(plan["result_key"])
+        log.info(
+            "trained %s: %d epochs, best validation macro-F1 %s at epoch %s, %.0f s; MLflow run %s/#/experiments/runs/%s",
+            plan["run_name"],
+            result["epochs_completed"],
+            result["best_val_macro_f1"],
+            result["best_epoch"],
+            result["fit_seconds"],
+            settings.mlflow_tracking_uri,
+            result["mlflow_run_id"],
+        )
+        evaluation_key = f"training/{plan['run_name']}/evaluation.json"
+        return {
+            **{k: result[k] for k in ("mlflow_run_id", "epochs_completed", "best_val_macro_f1", "labels")},
+            "evaluation_key": evaluation_key,
+            "entrypoint": f"python -m ml.evaluate --snapshot-id {shlex.quote(plan['snapshot_id'])} "
+            f"--run-id {shlex.quote(result['mlflow_run_id'])} --result-key {shlex.quote(evaluation_key)}",
+        }
+
+    @task
+    def register(plan: dict[str, Any], summary: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+        """Register the model version; alias challenger always, champion only through the gate."""
+        from ct_airflow.settings import pipeline_settings
+        from ml.registry import register_challenger
+        from ml.storage import ObjectStore
+
+        context = get_current_context()
+        params, dag_run = context["params"], context["dag_run"]
+        settings = pipeline_settings(**_dataset_override(params))
+        evaluation = ObjectStore(settings).get_json(summary["evaluation_key"])
+        outcome = register_challenger(
+            settings,
+            summary["mlflow_run_id"],
+            evaluation,
+            tags={
+                "snapshot_id": plan["snapshot_id"],
+                "validation": f"{gate['rows']} rows accepted, quarantined: {gate['quarantined'] or 'none'}",
+                "trigger_reason": trigger_reason(dag_run),
+                "dag_run_id": dag_run.run_id,
+            },
+        )
+        verdict = "PROMOTED to champion" if outcome["promoted"] else "kept as challenger (champion unchanged)"
+        log.info(
+            "%s version %s %s: %s", outcome["name"], outcome["version"], verdict, evaluation["gate"]["reason"]
+        )
+        return outcome
+
+    validated = validate(extract())
+    plan = plan_training(validated)
+    train = RayJobOperator(
+        task_id="train",
+        entrypoint=plan["entrypoint"],
+        submission_key=plan["run_name"],
+        runtime_env=plan["runtime_env"],
+        job_timeout=timedelta(hours=6),
+        poll_interval=5,
+        execution_timeout=timedelta(hours=7),
+    )
+    summary = training_summary(plan)
+    train >> summary
+    evaluate = RayJobOperator(
+        task_id="evaluate",
+        entrypoint=summary["entrypoint"],
+        submission_key=summary["evaluation_key"],
+        runtime_env=plan["runtime_env"],
+        job_timeout=timedelta(hours=1),
+        poll_interval=5,
+    )
+    outcome = register(plan, summary, validated)
+    evaluate >> outcome
+
+
+def trigger_reason(dag_run: Any) -> str:
+    """Why this run exists: the conf's ``reason`` (e.g. drift), else the run type."""
+    run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
+    return str((dag_run.conf or {}).get("reason") or run_type)
+
+
+def training_run_name(snapshot_id: str, run_id: str) -> str:
+    """Stable per (snapshot, DAG run): Ray Train's run folder and the MLflow run name."""
+    return f"{snapshot_id}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 continuous_training()

@@ -108,6 +108,25 @@ class Settings(BaseSettings):
         return f"{'https' if self.s3_secure else 'http'}://{self.s3_endpoint}"
 
 
+SECRET_FIELDS = frozenset({"s3_access_key", "s3_secret_key"})
+
+
+def settings_env(settings: Settings, include_secrets: bool = False) -> dict[str, str]:
+    """The settings as ``CT_*`` variables, to hand the same configuration to a Ray job.
+
+    Secrets are left out by default: a job's runtime_env is visible in the Ray dashboard, so
+    the cluster's nodes get their S3 credentials from their own environment.
+    """
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if name == "state_dir" or (name in SECRET_FIELDS and not include_secrets):
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(value)
+        env[f"CT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit overrides (e.g. from Airflow connections)."""
     return Settings(**overrides)

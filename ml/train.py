@@ -1,0 +1,684 @@
+"""Fine-tuning with Ray Train (``TorchTrainer``) and DeepSpeed ZeRO, as a Ray job entrypoint.
+
+``python -m ml.train --config '<TrainConfig JSON>' --result-key <s3 key>`` runs on the Ray
+cluster (submitted by the ``train`` task through the Jobs API):
+
+1. checks the configuration against the cluster before starting anything (base model path,
+   ZeRO stage, workers that cannot be placed, labels the model cannot map);
+2. writes (or reuses) the snapshot's stratified train/val/test splits;
+3. runs :func:`train_loop_per_worker` on ``num_workers`` workers: each reads its shard, wraps
+   the model in a DeepSpeed engine (ZeRO stage 0-3; bf16/fp16 on GPU, fp32 on CPU) on the
+   process group Ray set up, evaluates macro-F1 on the validation split every epoch, stops
+   early, and checkpoints every epoch from all ranks (ZeRO shards) to S3. A worker failure
+   restarts the group from the latest checkpoint (``FailureConfig``);
+4. consolidates the best checkpoint into a plain safetensors export (weights, tokenizer, label
+   map, training config), logs it to MLflow as a pyfunc model (no pickles), and writes a result
+   JSON for the downstream tasks.
+
+The worker loop also runs without Ray (``--local``, under ``torchrun`` or single process) for
+quick GPU measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ml.settings import REPO_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "zero"
+STATE_FILE = "train_state.json"
+INJECTED_FAILURE = "injected failure (TrainConfig.fail_after_epoch) to test resume-from-checkpoint"
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot work; raised before anything is started."""
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; serialised as JSON into the Ray job's entrypoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    snapshot_id: str
+    run_name: str = Field(description="Stable name: Ray Train run dir and MLflow run name.")
+    base_model: str = ""
+    epochs: int = Field(3, ge=0, le=100)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="Micro-batch per worker.")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_length: int = Field(64, ge=8, le=512)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    zero_stage: int = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    early_stopping_patience: int = Field(2, ge=1)
+    seed: int = 42
+    max_rows: int | None = Field(None, ge=10, description="Cap on rows used (tests, dry runs).")
+    max_failures: int = Field(2, ge=0)
+    fail_after_epoch: int | None = Field(None, ge=1, description="Test hook: one worker dies once.")
+    trigger_reason: str = "schedule"
+    dag_run_id: str = ""
+    mlflow_run_id: str | None = None
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, value: int) -> int:
+        if value not in (0, 1, 2, 3):
+            raise ValueError(
+                f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3 (0 = plain data parallel), got {value}"
+            )
+        return value
+
+
+def resolve_precision(config: TrainConfig, cuda: bool, bf16_supported: bool) -> str:
+    if not cuda:
+        return "fp32"
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if bf16_supported else "fp16"
+
+
+def deepspeed_config(config: TrainConfig, precision: str, steps_per_epoch: int) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO stage, precision, accumulation, warm-up + linear decay."""
+    total = max(1, steps_per_epoch * max(config.epochs, 1))
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+        "gradient_clipping": 1.0,
+        # torch_adam: DeepSpeed's fused Adam would be JIT-compiled on CPU (~65 s) for no gain.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": config.learning_rate,
+                "weight_decay": config.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": config.learning_rate,
+                "warmup_num_steps": max(1, int(total * config.warmup_ratio)),
+                "warmup_type": "linear",
+                "total_num_steps": total,
+            },
+        },
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# the worker loop
+# ----------------------------------------------------------------------------------------
+
+
+class _Session:
+    """What the loop needs from its runner: rank, checkpoints, reporting."""
+
+    rank: int
+    world_size: int
+
+    def latest_checkpoint(self) -> Path | None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+
+class _RaySession(_Session):
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self._checkpoint = ray.train.get_checkpoint()
+        self._tmp = Path(tempfile.mkdtemp(prefix="ct-restore-"))
+
+    def latest_checkpoint(self) -> Path | None:
+        if self._checkpoint is None:
+            return None
+        return Path(self._checkpoint.to_directory(str(self._tmp)))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _LocalSession(_Session):
+    """torchrun / single-process runner: checkpoints in a local folder."""
+
+    def __init__(self, checkpoint_root: Path) -> None:
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.root = checkpoint_root
+        self.reports: list[dict[str, Any]] = []
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(self.root.glob("epoch-*/" + STATE_FILE))
+        return done[-1].parent if done else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if self.rank == 0:
+            log.info("epoch metrics: %s", json.dumps(metrics))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None = None) -> None:
+    """One worker: shard, tokenize, DeepSpeed-train, evaluate, checkpoint, maybe stop early."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    settings = Settings(**loop_config["settings"])
+    session = session or _RaySession()
+    rank, world = session.rank, session.world_size
+    torch.manual_seed(config.seed + rank)
+    cuda = config.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    precision = resolve_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
+
+    labels = list(loop_config["labels"])
+    label_to_id = {label: i for i, label in enumerate(labels)}
+    train_rows, val_rows = _load_shards(settings, loop_config, rank, world, label_to_id)
+    tokenizer = AutoTokenizer.from_pretrained(loop_config["base_model"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        loop_config["base_model"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id=label_to_id,
+        ignore_mismatched_sizes=True,
+    )
+    # Every rank steps the same number of times per epoch (DeepSpeed needs them in lockstep).
+    steps_per_epoch = loop_config["steps_per_epoch"]
+    ds_config = deepspeed_config(config, precision, steps_per_epoch // config.grad_accum_steps)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    state = {"epoch": 0, "best_val_macro_f1": -1.0, "epochs_without_improvement": 0, "history": []}
+    restored = session.latest_checkpoint()
+    if restored is not None:
+        engine.load_checkpoint(str(restored), tag=CHECKPOINT_TAG)
+        state = json.loads((restored / STATE_FILE).read_text())
+        if rank == 0:
+            log.info("resumed from checkpoint after epoch %d", state["epoch"])
+
+    mlflow_logger = _MlflowEpochLogger(settings, config.mlflow_run_id) if rank == 0 else None
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        started = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        train_loss, samples = _train_one_epoch(
+            engine, tokenizer, train_rows, config, steps_per_epoch, epoch, device
+        )
+        elapsed = time.perf_counter() - started
+        val_pred, val_true = _predict(engine, tokenizer, val_rows, config, device)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (val_pred, val_true, train_loss, samples))
+        metrics = _epoch_metrics(gathered, labels, epoch, elapsed, cuda)
+        improved = metrics["val_macro_f1"] > state["best_val_macro_f1"] + 1e-6
+        state["best_val_macro_f1"] = max(state["best_val_macro_f1"], metrics["val_macro_f1"])
+        state["epochs_without_improvement"] = 0 if improved else state["epochs_without_improvement"] + 1
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        stop = state["epochs_without_improvement"] >= config.early_stopping_patience
+        metrics["early_stop"] = stop
+
+        with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)  # every rank writes its ZeRO shard
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                tokenizer.save_pretrained(tmp)
+                model.config.save_pretrained(tmp)
+            session.report(metrics, Path(tmp))
+        if mlflow_logger is not None:
+            mlflow_logger.log(metrics, epoch)
+        if config.fail_after_epoch == epoch and restored is None and rank == world - 1:
+            raise RuntimeError(INJECTED_FAILURE)
+        if stop:
+            if rank == 0:
+                log.info(
+                    "early stopping after epoch %d: val macro-F1 did not improve for %d epochs",
+                    epoch,
+                    config.early_stopping_patience,
+                )
+            break
+    if config.epochs == 0 or state["epoch"] == 0:
+        # Nothing trained (epochs=0): still report a checkpoint so the run has a model to export.
+        with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                tokenizer.save_pretrained(tmp)
+                model.config.save_pretrained(tmp)
+            session.report({"epoch": 0, "val_macro_f1": -1.0, "early_stop": False}, Path(tmp))
+
+
+def _load_shards(
+    settings: Settings, loop_config: dict[str, Any], rank: int, world: int, label_to_id: dict[str, int]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    from ml.data import read_parquet
+    from ml.storage import ObjectStore
+
+    store = ObjectStore(settings)
+    shards = []
+    for key in (loop_config["train_key"], loop_config["val_key"]):
+        frame = read_parquet(store, key)
+        rows = list(zip(frame["text"], frame["label"].map(label_to_id), strict=True))
+        shards.append(rows[rank::world])
+    return shards[0], shards[1]
+
+
+def _batches(rows: list[tuple[str, int]], batch_size: int, steps: int, epoch: int, seed: int):
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    for step in range(steps):
+        # wrap around so every rank runs exactly `steps` micro-batches
+        idx = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+        yield [rows[i] for i in idx]
+
+
+def _train_one_epoch(engine, tokenizer, rows, config: TrainConfig, steps: int, epoch: int, device):
+    import torch
+
+    engine.train()
+    total_loss, samples = 0.0, 0
+    for batch in _batches(rows, config.batch_size, steps, epoch, config.seed):
+        texts, targets = zip(*batch, strict=True)
+        encoded = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
+        ).to(device)
+        out = engine(**encoded, labels=torch.tensor(targets, device=device))
+        engine.backward(out.loss)
+        engine.step()
+        total_loss += float(out.loss.detach()) * len(batch)
+        samples += len(batch)
+    return total_loss / max(samples, 1), samples
+
+
+def _predict(engine, tokenizer, rows, config: TrainConfig, device) -> tuple[list[int], list[int]]:
+    import torch
+
+    engine.eval()
+    predictions: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), 64):
+            batch = rows[start : start + 64]
+            encoded = tokenizer(
+                [t for t, _ in batch],
+                padding=True,
+                truncation=True,
+                max_length=config.max_length,
+                return_tensors="pt",
+            ).to(device)
+            predictions += engine(**encoded).logits.argmax(-1).tolist()
+    return predictions, [y for _, y in rows]
+
+
+def _epoch_metrics(gathered, labels: list[str], epoch: int, seconds: float, cuda: bool) -> dict[str, Any]:
+    import resource
+
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y_pred = [p for g in gathered for p in g[0]]
+    y_true = [t for g in gathered for t in g[1]]
+    samples = sum(g[3] for g in gathered)
+    loss = sum(g[2] * g[3] for g in gathered) / max(samples, 1)
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # peak RSS of this worker process (Linux reports KiB)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "epoch": epoch,
+        "train_loss": round(loss, 5),
+        "val_accuracy": float(accuracy_score(y_true, y_pred)) if y_true else 0.0,
+        "val_macro_f1": float(
+            f1_score(y_true, y_pred, average="macro", labels=list(range(len(labels))), zero_division=0)
+        )
+        if y_true
+        else 0.0,
+        "samples_per_second": round(samples / max(seconds, 1e-9), 3),
+        "epoch_seconds": round(seconds, 2),
+        "peak_memory_mb_rank0": round(peak_mb, 1),
+    }
+
+
+class _MlflowEpochLogger:
+    """Rank 0 logs per-epoch metrics into the run the driver opened."""
+
+    def __init__(self, settings: Settings, run_id: str | None) -> None:
+        self.run_id = run_id
+        self.settings = settings
+
+    def log(self, metrics: dict[str, Any], epoch: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.settings.mlflow_tracking_uri)
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                client.log_metric(self.run_id, key, float(value), step=epoch)
+
+
+# ----------------------------------------------------------------------------------------
+# the driver (the Ray job's entrypoint)
+# ----------------------------------------------------------------------------------------
+
+
+def check_config(config: TrainConfig, labels: tuple[str, ...], cluster: dict[str, float]) -> str:
+    """Fail fast with a clear message before any worker starts; returns the base model path."""
+    base = Path(config.base_model or Settings().resolved_base_model())
+    if not (base / "config.json").is_file():
+        raise TrainConfigError(
+            f"base model {base} is not a Hugging Face model directory (no config.json); "
+            "set CT_BASE_MODEL / the base_model param to a local model folder"
+        )
+    per_worker = {"CPU": config.cpus_per_worker} | ({"GPU": 1.0} if config.use_gpu else {})
+    for resource, amount in per_worker.items():
+        capacity = cluster.get(resource, 0.0)
+        if config.num_workers * amount > capacity + 1e-9:
+            raise TrainConfigError(
+                f"{config.num_workers} workers x {amount} {resource} = {config.num_workers * amount} "
+                f"{resource}, but the Ray cluster has {capacity:g}; lower num_workers or "
+                f"{'cpus_per_worker' if resource == 'CPU' else 'use_gpu'}, or add nodes"
+            )
+    model_config = json.loads((base / "config.json").read_text())
+    head_labels = _fine_tuned_labels(model_config)
+    if head_labels and set(labels) - set(head_labels):
+        raise TrainConfigError(
+            f"the snapshot has labels {sorted(set(labels) - set(head_labels))} that base model {base} "
+            f"cannot map (its classifier knows {sorted(head_labels)}); start from a model without a "
+            "classification head or from one trained on these labels"
+        )
+    if len(labels) < 2:
+        raise TrainConfigError(f"need at least 2 labels to train a classifier, the snapshot has {labels}")
+    return str(base)
+
+
+def _fine_tuned_labels(model_config: dict[str, Any]) -> list[str]:
+    """Labels of an existing classification head (none for a bare encoder)."""
+    architectures = model_config.get("architectures") or []
+    if not any("SequenceClassification" in a for a in architectures):
+        return []
+    return [str(v) for v in (model_config.get("id2label") or {}).values()]
+
+
+def run_training(settings: Settings, config: TrainConfig, result_key: str) -> dict[str, Any]:
+    """The whole job: checks, splits, Ray Train fit, export, MLflow, result JSON."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ml.data import prepare_splits, read_parquet
+    from ml.storage import ObjectStore
+
+    store = ObjectStore(settings)
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    splits = prepare_splits(
+        settings,
+        config.snapshot_id,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        max_rows=config.max_rows,
+        store=store,
+    )
+    base_model = check_config(config, splits.labels, ray.cluster_resources())
+    train_rows = len(read_parquet(store, splits.train))
+    steps_per_epoch = max(1, math.ceil(train_rows / (config.batch_size * config.num_workers)))
+    steps_per_epoch = max(
+        config.grad_accum_steps, steps_per_epoch - steps_per_epoch % config.grad_accum_steps
+    )
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment(settings.mlflow_experiment)
+    run_id = _mlflow_run_for(config.run_name)
+    config = config.model_copy(update={"mlflow_run_id": run_id, "base_model": base_model})
+    precision_hint = "bf16/fp16 (GPU)" if config.use_gpu else "fp32"
+    ds_preview = deepspeed_config(config, "fp32", steps_per_epoch // config.grad_accum_steps)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags(
+            {
+                "snapshot_id": config.snapshot_id,
+                "dag_run_id": config.dag_run_id,
+                "trigger_reason": config.trigger_reason,
+                "git_commit": _git_commit(),
+                "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", ""),
+            }
+        )
+        _log_params_once(run_id, config, train_rows, steps_per_epoch, precision_hint)
+        mlflow.log_dict(ds_preview, "deepspeed_config.json")
+        manifest = store.get_json(f"snapshots/{config.snapshot_id}/manifest.json")
+        mlflow.log_dict(manifest, "snapshot/manifest.json")
+        mlflow.log_dict(
+            store.get_json(f"snapshots/{config.snapshot_id}/validation.json"), "snapshot/validation.json"
+        )
+
+    storage_path, filesystem = _ray_storage(settings)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "settings": settings.model_dump(mode="json"),
+            "labels": list(splits.labels),
+            "train_key": splits.train,
+            "val_key": splits.val,
+            "base_model": base_model,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    fit_seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {config.run_name} produced no checkpoint")
+    # best_checkpoints keeps the top num_to_keep by val_macro_f1, in no promised order.
+    best = max(
+        result.best_checkpoints or [(result.checkpoint, {})],
+        key=lambda pair: pair[1].get("val_macro_f1", -1.0),
+    )[0]
+    history = _read_state(result.checkpoint)["history"]
+
+    with tempfile.TemporaryDirectory(prefix="ct-export-") as tmp:
+        export_dir = export_checkpoint(best, Path(tmp) / "export", config, splits.labels)
+        with mlflow.start_run(run_id=run_id):
+            from ml.registry import log_model
+
+            best_epoch = max(history, key=lambda m: m["val_macro_f1"], default={})
+            mlflow.log_metrics(
+                {"best_val_macro_f1": best_epoch.get("val_macro_f1", -1.0), "fit_seconds": fit_seconds}
+            )
+            model_info = log_model(export_dir)
+    outcome = {
+        "snapshot_id": config.snapshot_id,
+        "mlflow_run_id": run_id,
+        "model_uri": model_info.model_uri,
+        "labels": list(splits.labels),
+        "epochs_completed": len(history),
+        "best_epoch": best_epoch.get("epoch", 0),
+        "best_val_macro_f1": best_epoch.get("val_macro_f1"),
+        "history": history,
+        "fit_seconds": round(fit_seconds, 1),
+        "test_key": splits.test,
+        "run_name": config.run_name,
+    }
+    store.put_json(result_key, outcome)
+    log.info("training result -> s3://%s/%s: %s", store.bucket, result_key, json.dumps(outcome)[:2000])
+    return outcome
+
+
+def _read_state(checkpoint: Any) -> dict[str, Any]:
+    """The loop state saved with a checkpoint, read without downloading the shards."""
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{STATE_FILE}") as handle:
+        return json.loads(handle.read())
+
+
+def export_checkpoint(
+    checkpoint: Any, export_dir: Path, config: TrainConfig, labels: tuple[str, ...]
+) -> Path:
+    """Consolidate ZeRO shards into a plain model and save it as safetensors + tokenizer + label map."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="ct-best-") as tmp:
+        local = Path(checkpoint.to_directory(tmp))
+        if config.zero_stage == 0:
+            # Stage 0 keeps the whole module in one file; it is our own checkpoint, not user input.
+            import torch
+
+            state_dict = torch.load(
+                local / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            )["module"]
+        else:
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=CHECKPOINT_TAG)
+        model_config = AutoConfig.from_pretrained(local)
+        model = AutoModelForSequenceClassification.from_config(model_config)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        export_dir.mkdir(parents=True)
+        model.save_pretrained(export_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(local).save_pretrained(export_dir)
+        state = json.loads((local / STATE_FILE).read_text())
+    (export_dir / "label_map.json").write_text(json.dumps({"labels": list(labels)}, indent=2))
+    (export_dir / "training_config.json").write_text(
+        json.dumps(
+            {**config.model_dump(), "history": state["history"], "best_epoch_state": state["epoch"]}, indent=2
+        )
+    )
+    pickles = [p.name for p in export_dir.iterdir() if p.suffix in {".bin", ".pt", ".pkl", ".pickle"}]
+    if pickles:
+        raise RuntimeError(f"export must hold no pickled files, found {pickles}")
+    return export_dir
+
+
+def _mlflow_run_for(run_name: str) -> str:
+    """The MLflow run of this training run: reused when the job is retried or resumed."""
+    import mlflow
+
+    existing = mlflow.search_runs(filter_string=f"attributes.run_name = '{run_name}'", output_format="list")
+    if existing:
+        log.info("reusing MLflow run %s for %s", existing[0].info.run_id, run_name)
+        return existing[0].info.run_id
+    with mlflow.start_run(run_name=run_name) as run:
+        return run.info.run_id
+
+
+def _log_params_once(run_id: str, config: TrainConfig, rows: int, steps: int, precision: str) -> None:
+    import mlflow
+
+    logged = mlflow.get_run(run_id).data.params
+    params = {
+        **{k: v for k, v in config.model_dump().items() if k not in {"mlflow_run_id"}},
+        "train_rows": rows,
+        "steps_per_epoch": steps,
+        "precision": precision,
+    }
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items() if k not in logged})
+
+
+def _ray_storage(settings: Settings) -> tuple[str, Any]:
+    """Checkpoints go to s3://<data bucket>/ray-results through pyarrow's S3 filesystem."""
+    from pyarrow import fs
+
+    filesystem = fs.S3FileSystem(
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        endpoint_override=settings.s3_endpoint,
+        scheme="https" if settings.s3_secure else "http",
+        region=settings.s3_region,
+    )
+    return f"{settings.data_bucket}/ray-results", filesystem
+
+
+def _worker_env() -> dict[str, str]:
+    keep = ("CT_", "MLFLOW_", "AWS_", "HF_", "RAY_AUTH")
+    env = {k: v for k, v in os.environ.items() if k.startswith(keep)}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("CT_GIT_COMMIT", "unknown")
+
+
+def main(argv: list[str] | None = None, runner: Callable[..., Any] = run_training) -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune the text classifier on a snapshot (Ray job).")
+    parser.add_argument("--config", required=True, help="TrainConfig as JSON")
+    parser.add_argument("--result-key", required=True, help="S3 key for the result JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        config = TrainConfig.model_validate_json(args.config)
+        runner(Settings(), config, args.result_key)
+    except TrainConfigError as err:
+        log.error("configuration error: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

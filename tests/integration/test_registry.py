@@ -1,0 +1,163 @@
+"""Evaluate, register and promote against the real MLflow server (artifacts in S3).
+
+Two training runs are faked with real exports of the base model: the first is, by construction,
+right on every test text (the test labels are its own predictions); the second is the same
+network with its output rows rotated, so it is wrong on every text. The first becomes champion;
+the second is registered as challenger only, and the champion stays.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ml.evaluate import evaluate_challenger, split_key
+from ml.predict import TextClassifier
+from ml.registry import CHALLENGER, CHAMPION, champion_version, log_model, register_challenger
+from ml.settings import Settings
+from ml.storage import ObjectStore
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["Business", "Sports", "World"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_stack(local_stack) -> None:
+    local_stack.require("s3", "mlflow")
+
+
+def build_export(directory: Path) -> Path:
+    """The base model with a random (seeded) head, exported like training does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = Settings().resolved_base_model()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    (directory / "label_map.json").write_text(json.dumps({"labels": LABELS}))
+    (directory / "training_config.json").write_text(json.dumps({"max_length": 32}))
+    return directory
+
+
+def rotate_head(src: Path, dst: Path) -> Path:
+    """A copy whose logit for class k+1 is the original's for class k: it predicts k+1 where
+    ``src`` predicts k, so it is wrong wherever ``src`` is right."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(src / "model.safetensors")
+    rotation = [len(LABELS) - 1, *range(len(LABELS) - 1)]
+    for key in ("classifier.weight", "classifier.bias"):
+        weights[key] = weights[key][rotation].contiguous()
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def log_training_run(export: Path, snapshot_id: str) -> str:
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.set_tag("snapshot_id", snapshot_id)
+        log_model(export)
+    return run.info.run_id
+
+
+def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    settings = Settings(
+        registered_model=f"it-{uuid.uuid4().hex[:10]}", gate_min_macro_f1=0.0, gate_tolerance=0.0
+    )
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment(f"it-registry-{uuid.uuid4().hex[:8]}")
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    assert champion_version(client, settings.registered_model) is None, "no model yet: no champion"
+    client.create_registered_model(settings.registered_model)
+    assert champion_version(client, settings.registered_model) is None, "no alias yet: no champion"
+
+    good = build_export(tmp_path / "good")
+    bad = rotate_head(good, tmp_path / "bad")
+    texts = agnews["text"].sample(24, random_state=3).tolist()
+    truth = [label for label, _ in TextClassifier.from_dir(good, device="cpu").predict(texts)]
+    snapshot_id = f"it-eval-{uuid.uuid4().hex[:10]}"
+    split = io.BytesIO()
+    pd.DataFrame({"text": texts, "label": truth}).to_parquet(split, index=False)
+    ObjectStore(settings).put_bytes(split_key(snapshot_id), split.getvalue())
+
+    # first model: above the floor, no champion -> v1 becomes champion
+    run_1 = log_training_run(good, snapshot_id)
+    evaluation_1 = evaluate_challenger(settings, snapshot_id, run_1)
+    assert evaluation_1["challenger"]["accuracy"] == 1.0
+    assert evaluation_1["champion"] is None
+    assert evaluation_1["gate"]["promote"] is True
+    tags = {"trigger": "new data", "validation": "3/3 batches passed"}
+    first = register_challenger(settings, run_1, evaluation_1, tags)
+    assert first == {
+        "name": settings.registered_model,
+        "version": "1",
+        "promoted": True,
+        "champion_version": "1",
+        "reason": evaluation_1["gate"]["reason"],
+    }
+    # a retried task reuses the run's version instead of creating another
+    assert register_challenger(settings, run_1, evaluation_1, tags) == first
+
+    # second model: wrong on every text -> registered as challenger, champion stays on v1
+    run_2 = log_training_run(bad, snapshot_id)
+    evaluation_2 = evaluate_challenger(settings, snapshot_id, run_2)
+    assert evaluation_2["challenger"]["accuracy"] == 0.0
+    assert evaluation_2["champion"]["version"] == "1"
+    assert evaluation_2["champion"]["run_id"] == run_1
+    assert evaluation_2["champion"]["macro_f1"] == evaluation_1["challenger"]["macro_f1"]
+    assert evaluation_2["gate"]["promote"] is False
+    second = register_challenger(settings, run_2, evaluation_2, tags)
+    assert (second["version"], second["promoted"], second["champion_version"]) == ("2", False, "1")
+
+    assert register_challenger(settings, run_2, evaluation_2, tags) == second
+    versions = client.search_model_versions(f"name = '{settings.registered_model}'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+
+    champion = client.get_model_version_by_alias(settings.registered_model, CHAMPION)
+    challenger = client.get_model_version_by_alias(settings.registered_model, CHALLENGER)
+    assert (champion.version, champion.run_id) == ("1", run_1)
+    assert (challenger.version, challenger.run_id) == ("2", run_2)
+    assert challenger.tags["gate_decision"] == "reject"
+    assert challenger.tags["snapshot_id"] == snapshot_id
+    assert challenger.tags["trigger"] == "new data"
+    assert challenger.tags["validation"] == "3/3 batches passed"
+    assert float(challenger.tags["champion_macro_f1"]) == evaluation_1["challenger"]["macro_f1"]
+    assert challenger.description.startswith("NOT PROMOTED")
+    assert champion.tags["gate_decision"] == "promote"
+
+    # what the evaluation left on the challenger's run
+    run = client.get_run(run_2)
+    assert run.data.metrics["test_accuracy"] == 0.0
+    assert run.data.metrics["champion_test_macro_f1"] == evaluation_1["challenger"]["macro_f1"]
+    assert {f"test_f1_{label}" for label in LABELS} <= set(run.data.metrics)
+    logged = {f.path for f in client.list_artifacts(run_2, "evaluation")}
+    assert logged == {"evaluation/evaluation.json", "evaluation/confusion_matrix.png"}
+
+    # the champion loads as a pyfunc model and predicts labels, from a DataFrame or a list
+    model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model}@{CHAMPION}")
+    predicted = model.predict(pd.DataFrame({"text": texts[:5]}))
+    assert list(predicted.columns) == ["label", "score"]
+    assert predicted["label"].tolist() == truth[:5]
+    assert model.predict(texts[:3])["label"].tolist() == truth[:3]
