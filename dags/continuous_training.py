@@ -254,9 +254,7 @@ def continuous_training() -> None:
             },
         )
         verdict = "PROMOTED to champion" if outcome["promoted"] else "kept as challenger (champion unchanged)"
-        log.info(
-            "%s version %s %s: %s", outcome["name"], outcome["version"], verdict, evaluation["gate"]["reason"]
-        )
+        log.info("%s version %s %s: %s", outcome["name"], outcome["version"], verdict, outcome["reason"])
         return outcome
 
     validated = validate(extract())

@@ -42,8 +42,8 @@ def stratified_split(
     for _, group in frame.groupby("label", sort=True):
         group = group.sample(frac=1.0, random_state=seed)
         n = len(group)
-        n_test = int(round(n * test_fraction))
-        n_val = int(round(n * val_fraction))
+        n_test = round(n * test_fraction)
+        n_val = round(n * val_fraction)
         if n - n_test - n_val < 1:
             n_test, n_val = 0, 0
         parts["test"].append(group.iloc[:n_test])

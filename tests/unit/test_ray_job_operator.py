@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -17,6 +20,7 @@ from airflow.sdk.serde import deserialize, serialize
 
 from ct_airflow.ray_job import (
     TERMINAL_STATES,
+    RayJobHook,
     RayJobInfo,
     RayJobOperator,
     RayJobTrigger,
@@ -306,6 +310,13 @@ def test_trigger_stops_the_job_at_its_deadline():
     assert len(hook.script) > 900, "the trigger should wait poll_interval between polls"
 
 
+def test_trigger_on_kill_stops_the_job():
+    # Airflow 3.3 calls a trigger's on_kill when a user fails/clears the task while it is deferred
+    hook = FakeHook({job_id(): "RUNNING"})
+    asyncio.run(make_trigger(hook).on_kill())
+    assert hook.stopped == [job_id()]
+
+
 def test_trigger_does_not_block_the_event_loop():
     class SlowHook(FakeHook):
         def job_info(self, submission_id: str) -> RayJobInfo | None:
@@ -340,3 +351,75 @@ def test_trigger_serialize_round_trips_through_airflow_serde():
     assert classpath == "ct_airflow.ray_job.RayJobTrigger"
     rebuilt = import_string(classpath)(**deserialize(serialize(kwargs)))
     assert rebuilt.serialize() == (classpath, kwargs)
+
+
+# ---- the hook ---------------------------------------------------------------------------------
+
+
+class FakeJobsClient:
+    """Stands in for ray.job_submission.JobSubmissionClient: answers, or raises like it does."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error = error
+
+    def get_job_info(self, submission_id: str) -> Any:
+        if self.error:
+            raise self.error
+        return types.SimpleNamespace(
+            status="RUNNING", message="Job is running.", start_time=1_700_000_000_500
+        )
+
+    def stop_job(self, submission_id: str) -> bool:
+        if self.error:
+            raise self.error
+        return True
+
+
+def test_hook_address_comes_from_the_connection(monkeypatch):
+    conn = {"conn_type": "http", "host": "ray-head", "port": 8265, "schema": "https"}
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_PROD", json.dumps(conn))
+    hook = RayJobHook("ray_prod")
+    assert hook.address == "https://ray-head:8265"
+    assert hook.dashboard_url("ct-x") == "https://ray-head:8265/#/jobs/ct-x"
+
+
+def test_hook_falls_back_to_the_ct_ray_address_setting(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_MISSING", raising=False)
+    monkeypatch.setenv("CT_RAY_ADDRESS", "http://10.1.2.3:8265/")
+    assert RayJobHook("ray_missing").address == "http://10.1.2.3:8265"
+
+
+@pytest.mark.parametrize(
+    ("password", "headers"), [("s3cret", {"Authorization": "Bearer s3cret"}), (None, None)]
+)
+def test_hook_sends_a_connection_password_as_the_ray_token(monkeypatch, password, headers):
+    conn = {"conn_type": "http", "host": "ray-head", "port": 8265, "password": password}
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_PROD", json.dumps(conn))
+    calls = []
+    fake_module = types.SimpleNamespace(
+        JobSubmissionClient=lambda address, headers: calls.append((address, headers))
+    )
+    monkeypatch.setitem(sys.modules, "ray.job_submission", fake_module)
+    RayJobHook("ray_prod").client  # noqa: B018 - building the client is the behaviour under test
+    assert calls == [("http://ray-head:8265", headers)]
+
+
+def test_hook_maps_ray_answers():
+    hook = RayJobHook()
+    hook.client = FakeJobsClient()
+    assert hook.job_info("ct-x") == RayJobInfo("ct-x", "RUNNING", "Job is running.", 1_700_000_000.5)
+    assert hook.status("ct-x") == "RUNNING"
+    assert hook.stop("ct-x") is True
+
+
+def test_hook_treats_404_as_no_such_job_and_raises_other_errors():
+    hook = RayJobHook()
+    hook.client = FakeJobsClient(
+        RuntimeError("Request failed with status code 404: Job ct-x does not exist.")
+    )
+    assert hook.job_info("ct-x") is None
+    assert hook.status("ct-x") is None
+    assert hook.stop("ct-x") is False
+    hook.client = FakeJobsClient(RuntimeError("Request failed with status code 500: boom"))
+    with pytest.raises(RuntimeError, match="500"):
+        hook.job_info("ct-x")
