@@ -38,9 +38,13 @@ def seed_raw(
     rows: int | None = None,
     end: date | None = None,
     bad_batch: bool = False,
+    batch_suffix: str = "",
+    seed: int = 0,
     store: ObjectStore | None = None,
 ) -> list[str]:
-    """Upload the batches as ``raw/<dataset>/<YYYY-MM-DD>/part-000.csv``; returns the keys."""
+    """Upload the batches as ``raw/<dataset>/<YYYY-MM-DD><suffix>/part-000.csv``; returns the keys.
+
+    ``rows`` takes a class-balanced random sample (``seed`` picks which rows)."""
     if not source.exists():
         raise FileNotFoundError(f"seed data {source} not found; pass --source PATH")
     store = store or ObjectStore(settings)
@@ -50,14 +54,15 @@ def seed_raw(
     if missing:
         raise ValueError(f"{source} lacks columns {sorted(missing)}; expected a text,label CSV")
     if rows is not None:
-        frame = frame.groupby("label").head(max(1, rows // frame["label"].nunique()))
+        per_class = max(1, rows // frame["label"].nunique())
+        frame = frame.groupby("label").sample(n=per_class, random_state=seed)
     frame = frame.rename(columns={"text": settings.text_column, "label": settings.label_column})
     end = end or (datetime.now(UTC).date() - timedelta(days=1))
     keys = []
-    parts = batch_frames(frame, batches)
+    parts = batch_frames(frame, batches, seed=seed)
     for offset, part in enumerate(parts):
         day = end - timedelta(days=len(parts) - 1 - offset)
-        key = f"{RAW}/{settings.dataset}/{day.isoformat()}/part-000.csv"
+        key = f"{RAW}/{settings.dataset}/{day.isoformat()}{batch_suffix}/part-000.csv"
         store.put_bytes(key, part.to_csv(index=False).encode(), "text/csv")
         keys.append(key)
         log.info("seeded %s (%d rows)", key, len(part))

@@ -71,33 +71,75 @@ def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack):
     assert "hello from ray" in client.get_job_logs(job_id)
 
 
+SMALL_TRAINING = {"batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2}
+
+
 def test_continuous_training_through_airflow(airflow, full_stack):
+    """Run 1 trains and becomes champion; run 2 (a worse, 0-epoch model) stays challenger;
+    run 3 finds no new data and skips. All asserted through Airflow, S3 and MLflow."""
+    from mlflow import MlflowClient
+
     settings = Settings(dataset=f"it-dag-{uuid.uuid4().hex[:8]}")
     store = ObjectStore(settings)
+    mlflow = MlflowClient(settings.mlflow_tracking_uri)
     today = datetime.now(UTC).date()
-    seed_raw(settings, AGNEWS, batches=3, rows=120, end=today, bad_batch=True, store=store)
+    seed_raw(settings, AGNEWS, batches=2, rows=200, end=today, bad_batch=True, store=store)
 
-    run_id = airflow.trigger(DAG_ID, conf={"dataset": settings.dataset})
-    run = airflow.wait_for_run(DAG_ID, run_id, timeout=600)
+    conf = {"dataset": settings.dataset, "epochs": 1, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
+    run_id = airflow.trigger(DAG_ID, conf=conf)
+    run = airflow.wait_for_run(DAG_ID, run_id, timeout=1200)
     assert run["state"] == "success", airflow.task_states(DAG_ID, run_id)
 
+    # extract + validate: snapshot, manifest, quarantine
     snapshot = airflow.xcom(DAG_ID, run_id, "extract")
     manifest = store.get_json(f"snapshots/{snapshot['snapshot_id']}/manifest.json")
     assert manifest["run_id"] == run_id
     assert manifest["dataset"] == settings.dataset
-    assert len(manifest["batches"]) == 4
+    assert len(manifest["batches"]) == 3
     assert all(o["sha256"] for o in manifest["objects"])
-    assert store.exists(f"snapshots/{snapshot['snapshot_id']}/validated.parquet")
-
-    gate = airflow.xcom(DAG_ID, run_id, "validate")
+    validated = airflow.xcom(DAG_ID, run_id, "validate")
     bad = f"{today.isoformat()}_export-2"
-    assert gate["quarantined"] == [bad]
-    assert gate["rows"] == 120
+    assert validated["quarantined"] == [bad]
+    assert validated["rows"] == 200
     assert store.exists(f"quarantine/{settings.dataset}/{bad}/part-000.csv")
     assert store.exists(f"quarantine/{settings.dataset}/{bad}/_validation/{snapshot['snapshot_id']}.json")
     assert not store.exists(f"raw/{settings.dataset}/{bad}/part-000.csv")
 
-    # nothing new: the next run skips everything after extract and still counts as a success
-    second = airflow.trigger(DAG_ID, conf={"dataset": settings.dataset})
-    assert airflow.wait_for_run(DAG_ID, second, timeout=300)["state"] == "success"
-    assert airflow.task_states(DAG_ID, second) == {"extract": "skipped", "validate": "skipped"}
+    # train (Ray job, 2 workers, ZeRO-2) -> evaluate -> register: first model becomes champion
+    summary = airflow.xcom(DAG_ID, run_id, "training_summary")
+    assert summary["epochs_completed"] == 1
+    first = airflow.xcom(DAG_ID, run_id, "register")
+    assert first["promoted"] is True, first
+    name = settings.registered_model
+    champion = mlflow.get_model_version_by_alias(name, "champion")
+    assert champion.version == first["version"] == "1"
+    assert champion.run_id == summary["mlflow_run_id"]
+    assert champion.tags["snapshot_id"] == snapshot["snapshot_id"]
+    assert champion.tags["gate_decision"] == "promote"
+    assert champion.tags["trigger_reason"] == "manual"
+    training_run = mlflow.get_run(summary["mlflow_run_id"])
+    assert training_run.data.params["zero_stage"] == "2" and training_run.data.params["num_workers"] == "2"
+    assert {"val_macro_f1", "train_loss", "samples_per_second", "test_macro_f1"} <= set(
+        training_run.data.metrics
+    )
+    artifacts = {a.path for a in mlflow.list_artifacts(summary["mlflow_run_id"], "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+
+    # run 2: new data, a worse model (0 epochs = untrained head) -> challenger only
+    seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_more", seed=1)
+    second = airflow.trigger(DAG_ID, conf={**conf, "epochs": 0})
+    assert airflow.wait_for_run(DAG_ID, second, timeout=1200)["state"] == "success"
+    outcome = airflow.xcom(DAG_ID, second, "register")
+    assert outcome["promoted"] is False, outcome
+    assert outcome["version"] == "2"
+    assert mlflow.get_model_version_by_alias(name, "champion").version == "1"
+    challenger = mlflow.get_model_version_by_alias(name, "challenger")
+    assert challenger.version == "2"
+    assert challenger.tags["gate_decision"] != "promote"
+
+    # run 3: nothing new -> everything after extract is skipped, and the run still succeeds
+    third = airflow.trigger(DAG_ID, conf={"dataset": settings.dataset})
+    assert airflow.wait_for_run(DAG_ID, third, timeout=300)["state"] == "success"
+    states = airflow.task_states(DAG_ID, third)
+    assert states.pop("extract") == "skipped"
+    assert set(states.values()) == {"skipped"}, states
