@@ -2,6 +2,9 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# The venv's tools first: DeepSpeed JIT-builds a CPU op with `ninja` and rebuilds it whenever a
+# different ninja (e.g. the system's) touched the cache; Ray workers use the venv's.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .DEFAULT_GOAL := help
 
