@@ -148,6 +148,9 @@ class _Session:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         raise NotImplementedError
 
+    def wait_for_reported_checkpoints(self) -> None:
+        """Block until every report() so far has been processed (checkpoints registered)."""
+
 
 class _RaySession(_Session):
     def __init__(self) -> None:
@@ -169,6 +172,11 @@ class _RaySession(_Session):
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wait_for_reported_checkpoints(self) -> None:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=600)
 
 
 class _LocalSession(_Session):
@@ -236,6 +244,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
             log.info("resumed from checkpoint after epoch %d", state["epoch"])
 
     mlflow_logger = _MlflowEpochLogger(settings, config.mlflow_run_id) if rank == 0 else None
+    if mlflow_logger is not None and restored is not None:
+        mlflow_logger.backfill(state["history"])
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         if cuda:
@@ -256,6 +266,9 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
         stop = state["epochs_without_improvement"] >= config.early_stopping_patience
         metrics["early_stop"] = stop
 
+        if mlflow_logger is not None:
+            # Before report(): a failing peer makes Ray tear this worker down right after it.
+            mlflow_logger.log(metrics, epoch)
         with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)  # every rank writes its ZeRO shard
             if rank == 0:
@@ -263,10 +276,13 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
                 tokenizer.save_pretrained(tmp)
                 model.config.save_pretrained(tmp)
             session.report(metrics, Path(tmp))
-        if mlflow_logger is not None:
-            mlflow_logger.log(metrics, epoch)
-        if config.fail_after_epoch == epoch and restored is None and rank == world - 1:
-            raise RuntimeError(INJECTED_FAILURE)
+        if config.fail_after_epoch == epoch and restored is None:
+            # Die only once every rank reported and Ray Train registered this epoch's checkpoint,
+            # so the test exercises resume-from-checkpoint, not a lost checkpoint.
+            dist.barrier()
+            if rank == world - 1:
+                session.wait_for_reported_checkpoints()
+                raise RuntimeError(INJECTED_FAILURE)
         if stop:
             if rank == 0:
                 log.info(
@@ -389,11 +405,27 @@ class _MlflowEpochLogger:
         if not self.run_id:
             return
         from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, epoch)
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        MlflowClient(self.settings.mlflow_tracking_uri).log_batch(self.run_id, metrics=batch)
+
+    def backfill(self, history: list[dict[str, Any]]) -> None:
+        """After a restart, log the epochs whose metrics the killed worker group never sent."""
+        if not self.run_id:
+            return
+        from mlflow import MlflowClient
 
         client = MlflowClient(self.settings.mlflow_tracking_uri)
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                client.log_metric(self.run_id, key, float(value), step=epoch)
+        logged = {m.step for m in client.get_metric_history(self.run_id, "val_macro_f1")}
+        for metrics in history:
+            if metrics["epoch"] not in logged:
+                self.log(metrics, metrics["epoch"])
 
 
 # ----------------------------------------------------------------------------------------
