@@ -254,6 +254,39 @@ def _make_buckets(s: Settings) -> None:
             log.info("s3: created bucket %s", bucket)
 
 
+def _retire_orphaned_mlflow_db(s: Settings) -> None:
+    """moto keeps S3 in memory: after a restart the artifact bucket is empty, but MLflow's SQLite
+    database still lists runs and model versions whose artifacts are gone (a champion that can no
+    longer be loaded). Move such a database aside, never delete it, and start MLflow afresh."""
+    db = _state(s, "mlflow", "mlflow.db")
+    if not db.exists() or not _mlflow_db_has_runs(db):
+        return
+    try:
+        empty = not any(True for _ in _minio_client(s).list_objects(s.mlflow_bucket, recursive=True))
+    except Exception as exc:  # S3 not reachable: leave the database alone
+        log.warning("mlflow: could not list s3://%s (%s); keeping %s", s.mlflow_bucket, exc, db)
+        return
+    if empty:
+        retired = db.with_name(f"mlflow.db.orphaned-{time.strftime('%Y%m%dT%H%M%S')}")
+        db.rename(retired)
+        log.warning(
+            "mlflow: s3://%s is empty (moto started afresh), so the runs and models in the old "
+            "database lost their artifacts; moved it to %s and starting with a new one",
+            s.mlflow_bucket,
+            retired,
+        )
+
+
+def _mlflow_db_has_runs(db: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM runs)").fetchone()[0] == 1
+    except sqlite3.Error:
+        return True  # unknown schema or state: treat as holding runs
+
+
 def _ray_token(s: Settings) -> str:
     try:
         return _ray_token_path(s).read_text().strip()
@@ -363,6 +396,7 @@ def _services(s: Settings) -> dict[str, Service]:
         url=s.mlflow_tracking_uri,
         argv=mlflow_argv,
         env={**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        before_start=lambda: _retire_orphaned_mlflow_db(s),
         health=lambda: _http_ok(f"{s.mlflow_tracking_uri.rstrip('/')}/health"),
         timeout_s=120,
         marker="mlflow server",
