@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.data import split_key
 from ml.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ LABEL = "label"
 EVALUATION_ARTIFACT = "evaluation/evaluation.json"
 CONFUSION_ARTIFACT = "evaluation/confusion_matrix.png"
 _EPSILON = 1e-9  # float noise: 0.8 - 0.005 must count as "within the tolerance" of 0.795
-
-
-def split_key(snapshot_id: str, split: str = "test") -> str:
-    """Where the snapshot's ``split`` lies in the data bucket."""
-    return f"snapshots/{snapshot_id}/splits/{split}.parquet"
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +214,7 @@ def load_test_split(settings: Settings, snapshot_id: str) -> pd.DataFrame:
 
     from ml.storage import ObjectStore
 
-    key = split_key(snapshot_id)
+    key = split_key(snapshot_id, "test")
     store = ObjectStore(settings)
     if not store.exists(key):
         raise FileNotFoundError(f"s3://{store.bucket}/{key} is missing: the snapshot has no test split")

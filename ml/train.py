@@ -269,13 +269,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
         if mlflow_logger is not None:
             # Before report(): a failing peer makes Ray tear this worker down right after it.
             mlflow_logger.log(metrics, epoch)
-        with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)  # every rank writes its ZeRO shard
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                tokenizer.save_pretrained(tmp)
-                model.config.save_pretrained(tmp)
-            session.report(metrics, Path(tmp))
+        _checkpoint_and_report(engine, tokenizer, model, state, metrics, session)
         if config.fail_after_epoch == epoch and restored is None:
             # Die only once every rank reported and Ray Train registered this epoch's checkpoint,
             # so the test exercises resume-from-checkpoint, not a lost checkpoint.
@@ -293,13 +287,21 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
             break
     if config.epochs == 0 or state["epoch"] == 0:
         # Nothing trained (epochs=0): still report a checkpoint so the run has a model to export.
-        with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                tokenizer.save_pretrained(tmp)
-                model.config.save_pretrained(tmp)
-            session.report({"epoch": 0, "val_macro_f1": -1.0, "early_stop": False}, Path(tmp))
+        untrained = {"epoch": 0, "val_macro_f1": -1.0, "early_stop": False}
+        _checkpoint_and_report(engine, tokenizer, model, state, untrained, session)
+
+
+def _checkpoint_and_report(
+    engine, tokenizer, model, state: dict[str, Any], metrics, session: _Session
+) -> None:
+    """Every rank writes its ZeRO shard; rank 0 adds the loop state, tokenizer and model config."""
+    with tempfile.TemporaryDirectory(prefix="ct-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        if session.rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            tokenizer.save_pretrained(tmp)
+            model.config.save_pretrained(tmp)
+        session.report(metrics, Path(tmp))
 
 
 def _load_shards(

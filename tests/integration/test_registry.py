@@ -20,7 +20,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ml.evaluate import evaluate_challenger, split_key
+from ml.data import split_key
+from ml.evaluate import evaluate_challenger
 from ml.predict import TextClassifier
 from ml.registry import CHALLENGER, CHAMPION, champion_version, log_model, register_challenger
 from ml.settings import Settings
@@ -100,7 +101,7 @@ def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
     snapshot_id = f"it-eval-{uuid.uuid4().hex[:10]}"
     split = io.BytesIO()
     pd.DataFrame({"text": texts, "label": truth}).to_parquet(split, index=False)
-    ObjectStore(settings).put_bytes(split_key(snapshot_id), split.getvalue())
+    ObjectStore(settings).put_bytes(split_key(snapshot_id, "test"), split.getvalue())
 
     # first model: above the floor, no champion -> v1 becomes champion
     run_1 = log_training_run(good, snapshot_id)
