@@ -41,6 +41,7 @@ TEXT = "text"
 LABEL = "label"
 EVALUATION_ARTIFACT = "evaluation/evaluation.json"
 CONFUSION_ARTIFACT = "evaluation/confusion_matrix.png"
+SMOKE_TEXTS = 8  # test texts whose offline predictions a deploy's smoke test compares against
 _EPSILON = 1e-9  # float noise: 0.8 - 0.005 must count as "within the tolerance" of 0.795
 
 
@@ -163,7 +164,7 @@ def evaluate_challenger(settings: Settings, snapshot_id: str, challenger_run_id:
     """
     from mlflow import MlflowClient
 
-    from ml.registry import champion_version, logged_model_id
+    from ml.registry import champion_version, download_export, logged_model_id
 
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     test = load_test_split(settings, snapshot_id)
@@ -173,7 +174,7 @@ def evaluate_challenger(settings: Settings, snapshot_id: str, challenger_run_id:
         model_id = logged_model_id(client, challenger_run_id)
         model_root = client.get_logged_model(model_id).artifact_location
         export = download_export(client, model_root, Path(tmp) / "challenger")
-        y_pred, model_labels = _predict(export, texts)
+        y_pred, y_score, model_labels = _predict(export, texts)
         labels = model_labels + sorted(set(y_true) - set(model_labels))
         challenger = {"model_id": model_id, **classification_report(y_true, y_pred, labels)}
 
@@ -182,7 +183,7 @@ def evaluate_challenger(settings: Settings, snapshot_id: str, challenger_run_id:
         if current is not None:
             model_root = client.get_model_version_download_uri(current.name, current.version)
             export = download_export(client, model_root, Path(tmp) / "champion")
-            champion_pred, _ = _predict(export, texts)
+            champion_pred, _, _ = _predict(export, texts)
             champion = {
                 "version": str(current.version),
                 "run_id": current.run_id,
@@ -203,6 +204,7 @@ def evaluate_challenger(settings: Settings, snapshot_id: str, challenger_run_id:
         "challenger": challenger,
         "champion": champion,
         "gate": gate,
+        "smoke": smoke_set(texts, y_pred, y_score),
     }
     log_evaluation(client, challenger_run_id, evaluation)
     log.info("run %s on %s: %s", challenger_run_id, snapshot_id, gate["reason"])
@@ -225,25 +227,6 @@ def load_test_split(settings: Settings, snapshot_id: str) -> pd.DataFrame:
     if frame.empty:
         raise ValueError(f"s3://{store.bucket}/{key} has no rows")
     return frame.assign(**{LABEL: frame[LABEL].astype(str)})
-
-
-def download_export(client: MlflowClient, model_root: str, dst: Path) -> Path:
-    """Download only the ``export`` folder (weights, tokenizer, label map) of a logged model.
-
-    ``model_root`` is the folder holding its MLmodel (a logged model's ``artifact_location``, a
-    version's download URI); pyfunc artifacts lie in its ``artifacts/`` folder.
-    """
-    import mlflow
-
-    from ml.registry import EXPORT_ARTIFACT
-
-    dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{model_root.rstrip('/')}/artifacts/{EXPORT_ARTIFACT}",
-        dst_path=str(dst),
-        tracking_uri=client.tracking_uri,
-    )
-    return Path(local)
 
 
 def log_evaluation(client: MlflowClient, run_id: str, evaluation: dict[str, Any]) -> None:
@@ -276,15 +259,27 @@ def metric_safe(label: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", label)
 
 
-def _predict(export: Path, texts: list[str]) -> tuple[list[str], list[str]]:
+def _predict(export: Path, texts: list[str]) -> tuple[list[str], list[float], list[str]]:
+    """Predicted labels and their probabilities for ``texts``, and the model's label list."""
     from ml.predict import TextClassifier
 
     classifier = TextClassifier.from_dir(export)
-    predictions = [label for label, _ in classifier.predict(texts)]
+    predictions = classifier.predict(texts)
     labels = classifier.labels
     del classifier
     gc.collect()  # one model in memory at a time
-    return predictions, labels
+    return [label for label, _ in predictions], [score for _, score in predictions], labels
+
+
+def smoke_set(
+    texts: list[str], labels: list[str], scores: list[float], n: int = SMOKE_TEXTS
+) -> dict[str, Any]:
+    """The first ``n`` test texts with the challenger's offline predictions.
+
+    After a deploy, the served model must give the same labels (and scores within a tolerance)
+    for these texts: the check that serving loads and runs the very model that was evaluated.
+    """
+    return {"texts": texts[:n], "labels": labels[:n], "scores": [round(x, 6) for x in scores[:n]]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

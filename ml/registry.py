@@ -31,6 +31,7 @@ MODEL_NAME = "model"  # the name of the logged model inside its run: runs:/<run 
 EXPORT_ARTIFACT = "export"  # context.artifacts key; the files lie under <model>/artifacts/export
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+SERVING = "serving"  # the version the Ray Serve application answers with (set after a good deploy)
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 # Installed versions of these are pinned into the model's requirements.txt.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
@@ -123,6 +124,44 @@ def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
         ):
             return None
         raise
+
+
+def resolve_version(client: MlflowClient, name: str, ref: str | int) -> ModelVersion:
+    """A registered version from a version number (``"3"``) or an alias (``"champion"``).
+
+    Raises :class:`LookupError` naming the model and the reference when it does not resolve.
+    """
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref).strip()
+    if not ref:
+        raise LookupError(f"empty model reference for {name!r}: give a version number or an alias")
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException as err:
+        if err.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            kind = "version" if ref.isdigit() else "alias"
+            raise LookupError(
+                f"registered model {name!r} has no {kind} {ref!r} at {client.tracking_uri} ({err.message})"
+            ) from err
+        raise
+
+
+def mark_serving(settings: Settings, version: str, tags: dict[str, Any] | None = None) -> None:
+    """Point the ``serving`` alias at ``version`` and tag it, so the MLflow UI shows what production runs."""
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    name = settings.registered_model
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in {"deployed_at": stamp, **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, SERVING, version)
+    client.set_registered_model_tag(name, "serving_version", version)
 
 
 def logged_model_id(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> str:
@@ -221,3 +260,20 @@ def _version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersi
         return first
     model_id = logged_model_id(client, run_id)
     return client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+
+
+def download_export(client: MlflowClient, model_root: str, dst: Path) -> Path:
+    """Download only the ``export`` folder (weights, tokenizer, label map) of a logged model.
+
+    ``model_root`` is the folder holding its MLmodel (a logged model's ``artifact_location``, a
+    version's download URI); pyfunc artifacts lie in its ``artifacts/`` folder.
+    """
+    import mlflow
+
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_root.rstrip('/')}/artifacts/{EXPORT_ARTIFACT}",
+        dst_path=str(dst),
+        tracking_uri=client.tracking_uri,
+    )
+    return Path(local)

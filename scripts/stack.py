@@ -52,6 +52,7 @@ log = logging.getLogger("stack")
 SERVICE_ORDER: tuple[str, ...] = ("s3", "mlflow", "ray", "airflow")
 VENV_BIN = Path(sys.executable).parent  # not resolved: keep the venv's bin, not the base python's
 RAY_GCS_PORT = 6379
+RAY_METRICS_PORT = 8090
 AIRFLOW_PORT = 8080
 STOP_GRACE_S = 20.0
 PROGRESS_EVERY_S = 10.0
@@ -375,7 +376,11 @@ def _services(s: Settings) -> dict[str, Service]:
         "--port", str(RAY_GCS_PORT),
         "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-        "--num-cpus", str(os.cpu_count() or 1), "--disable-usage-stats",
+        # One logical CPU more than the machine has: a serving replica (1 CPU) and a 2-worker
+        # training job fit side by side on a 2-core laptop (inference mostly idles between requests).
+        "--num-cpus", str((os.cpu_count() or 1) + 1), "--disable-usage-stats",
+        # Prometheus metrics of Ray, Serve and the app (ct_serve_*) on this port of every node.
+        "--metrics-export-port", str(RAY_METRICS_PORT),
     ]
     # fmt: on
 

@@ -9,11 +9,8 @@ the second is registered as challenger only, and the champion stays.
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,61 +20,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ml.data import split_key
 from ml.evaluate import evaluate_challenger
 from ml.predict import TextClassifier
-from ml.registry import CHALLENGER, CHAMPION, champion_version, log_model, register_challenger
+from ml.registry import CHALLENGER, CHAMPION, champion_version, register_challenger
 from ml.settings import Settings
 from ml.storage import ObjectStore
+from tests.model_factory import LABELS, build_export, log_training_run, rotate_head
 
 pytestmark = pytest.mark.integration
-
-LABELS = ["Business", "Sports", "World"]
 
 
 @pytest.fixture(scope="module")
 def mlflow_stack(local_stack) -> None:
     local_stack.require("s3", "mlflow")
-
-
-def build_export(directory: Path) -> Path:
-    """The base model with a random (seeded) head, exported like training does."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    base = Settings().resolved_base_model()
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
-    model.save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
-    (directory / "label_map.json").write_text(json.dumps({"labels": LABELS}))
-    (directory / "training_config.json").write_text(json.dumps({"max_length": 32}))
-    return directory
-
-
-def rotate_head(src: Path, dst: Path) -> Path:
-    """A copy whose logit for class k+1 is the original's for class k: it predicts k+1 where
-    ``src`` predicts k, so it is wrong wherever ``src`` is right."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(src / "model.safetensors")
-    rotation = [len(LABELS) - 1, *range(len(LABELS) - 1)]
-    for key in ("classifier.weight", "classifier.bias"):
-        weights[key] = weights[key][rotation].contiguous()
-    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
-def log_training_run(export: Path, snapshot_id: str) -> str:
-    import mlflow
-
-    with mlflow.start_run() as run:
-        mlflow.set_tag("snapshot_id", snapshot_id)
-        log_model(export)
-    return run.info.run_id
 
 
 def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):

@@ -1,0 +1,461 @@
+"""Ray Serve application: the registered text classifier behind a FastAPI ingress, batched.
+
+One deployment (``Classifier``) both parses HTTP and runs the model, so a request costs one hop:
+
+* ``POST /v1/predict`` ``{"texts": [...]}`` (or ``{"text": "..."}``) → a label and score per
+  text, and the model name and version that produced them;
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded), ``GET /v1/model``
+  (name, version, labels, training run); OpenAPI docs at ``/docs``.
+
+Every text of every request goes through one ``@serve.batch`` method, so texts of concurrent
+requests share forward passes; inside a batch they are sorted by length and padded only to the
+longest of their batch (:class:`ml.predict.TextClassifier`). The model is loaded once per
+replica, from the MLflow registry: ``model_version`` (a version or an alias such as
+``champion``) is resolved to a concrete version, whose safetensors export is downloaded and
+cached on the node.
+
+A ``user_config`` change (``serve/config.yaml``, or the DAG's deploy task) is applied in place by
+:meth:`Classifier.reconfigure`: the new model is loaded beside the old one and swapped in only once
+it loaded, so a broken model never replaces a working one; the failure is reported by
+``/v1/model`` (``last_load_error``) and the deploy task rolls the config back.
+
+Run it: ``serve deploy serve/config.yaml`` (or ``serve run serve.app:classifier_app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import metrics
+
+from serve.schemas import (
+    InputError,
+    ModelInfo,
+    ModelRef,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    ServeOptions,
+    check_texts,
+    describe_validation_errors,
+)
+
+log = logging.getLogger("ray.serve")
+
+API_TOKEN_ENV = "CT_SERVE_API_TOKEN"  # set it (on the nodes, or in the runtime_env) to require a bearer token
+MODEL_CACHE_ENV = "CT_SERVE_MODEL_CACHE"
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+# --------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier and where it came from; requests keep a reference for their whole life."""
+
+    classifier: Any  # ml.predict.TextClassifier
+    name: str
+    version: str
+    source: str
+    requested: str
+    run_id: str | None = None
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def load_model(options: ServeOptions) -> LoadedModel:
+    """Resolve and load the model ``options`` name (blocking: run it in a thread)."""
+    from ml.predict import TextClassifier
+    from ml.settings import load_settings
+
+    if options.model_path:
+        path = Path(options.model_path)
+        classifier = TextClassifier.from_dir(path, device=options.device, dtype=options.dtype)
+        return LoadedModel(
+            classifier,
+            name=options.model_name or path.name,
+            version=options.model_version if options.model_version != "champion" else "local",
+            source=str(path),
+            requested=options.reference(),
+        )
+
+    from mlflow import MlflowClient
+
+    from ml.registry import resolve_version
+
+    settings = load_settings()
+    name = options.model_name or settings.registered_model
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    version = resolve_version(client, name, options.model_version)
+    export = fetch_export(client, name, str(version.version))
+    classifier = TextClassifier.from_dir(export, device=options.device, dtype=options.dtype)
+    return LoadedModel(
+        classifier,
+        name=name,
+        version=str(version.version),
+        source=f"models:/{name}/{version.version}",
+        requested=options.reference(),
+        run_id=version.run_id,
+    )
+
+
+def fetch_export(client: Any, name: str, version: str) -> Path:
+    """The version's export directory, downloaded once per node into the model cache."""
+    from ml.registry import download_export
+
+    cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "ct-serve-models")
+    final = cache / name / version
+    if (final / ".complete").is_file():
+        return final / "export"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+    try:
+        download_export(client, client.get_model_version_download_uri(name, version), staging)
+        (staging / ".complete").write_text(datetime.now(UTC).isoformat())
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # atomic: a concurrent replica sees the whole export or none
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final / "export"
+
+
+def _model_fields(options: ServeOptions) -> tuple[Any, ...]:
+    return (options.model_name, options.model_version, options.model_path, options.device, options.dtype)
+
+
+def _set_threads(requested: int) -> None:
+    import torch
+
+    threads = requested or _assigned_cpus()
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _assigned_cpus() -> int:
+    try:
+        import ray
+
+        return max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside Ray
+        return os.cpu_count() or 1
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve
+        return uuid.uuid4().hex[:8]
+
+
+def _authorize(request: Request) -> None:
+    token = os.environ.get(API_TOKEN_ENV)
+    if not token:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise InputError(401, "this endpoint needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise InputError(401, "wrong bearer token")
+
+
+# --------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="Text classifier",
+    version="1",
+    description="Classifies text with the model the continuous_training DAG promoted (MLflow alias "
+    "`champion`). Texts of concurrent requests are batched. Limits: see `GET /v1/model`.",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    status, message = describe_validation_errors(list(exc.errors()))
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+@api.exception_handler(InputError)
+async def _refused(request: Request, exc: InputError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+@serve.deployment(
+    name="Classifier",
+    max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=20,
+)
+@serve.ingress(api)
+class Classifier:
+    def __init__(self) -> None:
+        self._model: LoadedModel | None = None
+        self._options: ServeOptions | None = None
+        self._load_error: str | None = None
+        self._reload_lock = asyncio.Lock()
+        self._prediction_log = None
+        self._batch_size = metrics.Histogram(
+            "ct_serve_batch_size", description="Texts per forward pass.", boundaries=BATCH_BOUNDARIES
+        )
+        self._request_latency = metrics.Histogram(
+            "ct_serve_request_latency_ms",
+            description="Inference latency of a request in the replica (batch wait + forward passes).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("model_version",),
+        )
+        self._texts = metrics.Counter(
+            "ct_serve_texts", description="Texts classified.", tag_keys=("model_version",)
+        )
+        self._model_info = metrics.Gauge(
+            "ct_serve_model_info",
+            description="1 for the model version this replica serves.",
+            tag_keys=("model_name", "model_version"),
+        )
+        self._load_failures = metrics.Counter(
+            "ct_serve_model_load_failures", description="Models that failed to load (old one kept)."
+        )
+        self._log_dropped = metrics.Counter(
+            "ct_serve_prediction_log_dropped", description="Prediction-log rows dropped (buffer full)."
+        )
+        self._log_written = metrics.Counter(
+            "ct_serve_prediction_log_written", description="Prediction-log rows written to S3."
+        )
+
+    # ---- configuration ------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        options = ServeOptions.model_validate(user_config or {})
+        self._classify.set_max_batch_size(options.max_batch_size)
+        self._classify.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        _set_threads(options.torch_threads)
+        previous, self._options = self._options, options
+        if self._model is None or previous is None or _model_fields(previous) != _model_fields(options):
+            await self._swap_model(options)
+        self._configure_prediction_log(options)
+
+    async def _swap_model(self, options: ServeOptions) -> None:
+        async with self._reload_lock:
+            started = time.perf_counter()
+            log.info("loading model %s", options.reference())
+            try:
+                model = await asyncio.to_thread(load_model, options)
+            except Exception as err:
+                self._load_failures.inc()
+                self._load_error = f"{options.reference()}: {type(err).__name__}: {err}"
+                if self._model is None:
+                    raise  # nothing to fall back to: the replica must not start
+                log.error(
+                    "model %s failed to load; still serving %s v%s: %s",
+                    options.reference(),
+                    self._model.name,
+                    self._model.version,
+                    self._load_error,
+                )
+                return
+            old, self._model, self._load_error = self._model, model, None
+            if old is not None:
+                self._model_info.set(0, tags={"model_name": old.name, "model_version": old.version})
+            self._model_info.set(1, tags={"model_name": model.name, "model_version": model.version})
+            log.info(
+                "serving %s v%s (%s) on %s after %.1f s",
+                model.name,
+                model.version,
+                model.source,
+                model.classifier.device,
+                time.perf_counter() - started,
+            )
+
+    def _configure_prediction_log(self, options: ServeOptions) -> None:
+        if not options.prediction_log or self._prediction_log is not None:
+            return
+        from ml.settings import load_settings
+        from ml.storage import ObjectStore
+        from serve.prediction_log import PredictionLogger
+
+        self._prediction_log = PredictionLogger(
+            ObjectStore(load_settings()),
+            writer_id=_replica_id(),
+            flush_interval_s=options.prediction_log_flush_s,
+            max_buffer_rows=options.prediction_log_max_rows,
+            on_written=lambda n: self._log_written.inc(n),
+            on_dropped=lambda n: self._log_dropped.inc(n),
+        )
+        self._prediction_log.start()
+
+    async def check_health(self) -> None:
+        if self._model is None:
+            raise RuntimeError(f"no model loaded: {self._load_error or 'still starting'}")
+
+    async def __del__(self) -> None:
+        if self._prediction_log is not None:
+            await self._prediction_log.close()
+
+    # ---- endpoints ----------------------------------------------------------------------
+
+    @api.get("/healthz", summary="The process answers")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="A model is loaded and serving", responses={503: {"description": "No model"}})
+    async def readyz(self) -> JSONResponse:
+        if self._model is None:
+            return JSONResponse({"status": "loading", "detail": self._load_error}, status_code=503)
+        return JSONResponse(
+            {"status": "ready", "model": {"name": self._model.name, "version": self._model.version}}
+        )
+
+    @api.get("/v1/model", summary="The model this replica serves", response_model=ModelInfo)
+    async def model_info(self) -> ModelInfo:
+        model, options = self._require_model(), self._options
+        classifier = model.classifier
+        return ModelInfo(
+            name=model.name,
+            version=model.version,
+            labels=classifier.labels,
+            run_id=model.run_id,
+            source=model.source,
+            max_length=classifier.max_length,
+            device=str(classifier.device),
+            dtype=str(classifier.model.dtype).removeprefix("torch."),
+            loaded_at=model.loaded_at,
+            requested=options.reference(),
+            last_load_error=self._load_error,
+            limits={
+                "max_texts_per_request": options.max_texts_per_request,
+                "max_text_chars": options.max_text_chars,
+                "max_batch_size": options.max_batch_size,
+                "batch_wait_timeout_s": options.batch_wait_timeout_s,
+                "auth": "bearer" if os.environ.get(API_TOKEN_ENV) else "none",
+            },
+        )
+
+    @api.post(
+        "/v1/predict",
+        summary="Classify texts",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        responses={
+            400: {"description": "Malformed JSON"},
+            401: {"description": "Missing or wrong bearer token (when CT_SERVE_API_TOKEN is set)"},
+            413: {"description": "Too many texts in one request"},
+            422: {"description": "Empty, non-string or too long text"},
+        },
+    )
+    async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
+        _authorize(request)
+        options = self._options
+        texts = check_texts(body.items(), options.max_texts_per_request, options.max_text_chars)
+        model = self._require_model()  # one model for the whole request, even during a swap
+        started = time.perf_counter()
+        rows = await asyncio.gather(*(self._classify((text, model)) for text in texts))
+        self._request_latency.observe(
+            (time.perf_counter() - started) * 1000, tags={"model_version": model.version}
+        )
+        self._texts.inc(len(texts), tags={"model_version": model.version})
+        labels = model.classifier.labels
+        all_scores = body.return_all_scores or options.return_all_scores
+        predictions = []
+        for probs in rows:
+            best = int(np.argmax(probs))
+            predictions.append(
+                Prediction(
+                    label=labels[best],
+                    score=float(probs[best]),
+                    scores={label: float(p) for label, p in zip(labels, probs, strict=True)}
+                    if all_scores
+                    else None,
+                )
+            )
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self._capture(request_id, model, texts, predictions, rows)
+        return PredictResponse(
+            model=ModelRef(name=model.name, version=model.version),
+            request_id=request_id,
+            predictions=predictions,
+        )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _classify(self, items: list[tuple[str, LoadedModel]]) -> list[np.ndarray]:
+        """Class probabilities for a batch of (text, model) items, in order.
+
+        Items carry their model: during a swap one batch may mix requests that started on the old
+        model with requests on the new one; each group runs on its own model.
+        """
+        self._batch_size.observe(len(items))
+        out: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (_, model) in enumerate(items):
+            groups.setdefault(id(model), []).append(i)
+        for indices in groups.values():
+            model = items[indices[0]][1]
+            texts = [items[i][0] for i in indices]
+            # in a thread: the event loop keeps accepting requests (and filling the next batch)
+            probs = await asyncio.to_thread(model.classifier.predict_proba, texts, len(texts))
+            for i, row in zip(indices, probs, strict=True):
+                out[i] = row
+        return out
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _require_model(self) -> LoadedModel:
+        if self._model is None:
+            raise InputError(503, f"no model loaded yet: {self._load_error or 'starting'}")
+        return self._model
+
+    def _capture(
+        self,
+        request_id: str,
+        model: LoadedModel,
+        texts: list[str],
+        predictions: list[Prediction],
+        rows: list[np.ndarray],
+    ) -> None:
+        if self._prediction_log is None:
+            return
+        import json
+
+        now = datetime.now(UTC)
+        labels = model.classifier.labels
+        self._prediction_log.append(
+            [
+                {
+                    "ts": now,
+                    "request_id": request_id,
+                    "text": text,
+                    "label": p.label,
+                    "score": p.score,
+                    "scores": json.dumps(
+                        {label: round(float(x), 6) for label, x in zip(labels, probs, strict=True)}
+                    ),
+                    "model_name": model.name,
+                    "model_version": model.version,
+                }
+                for text, p, probs in zip(texts, predictions, rows, strict=True)
+            ]
+        )
+
+
+classifier_app = Classifier.bind()

@@ -1,0 +1,357 @@
+"""Deploy a registered model version to the Ray Serve application, check it, roll back if it fails.
+
+Used by the ``deploy`` and ``smoke_test`` tasks of ``continuous_training`` and by hand::
+
+    python -m serve.deploy --version 3          # or --version champion
+    python -m serve.deploy --status
+
+It talks to the Ray dashboard's Serve REST API (``PUT /api/serve/applications/``, what ``serve
+deploy`` uses) and to the service over HTTP; it imports neither torch nor the model, so it runs in
+a slim Airflow worker.
+
+A deploy changes only the application's ``user_config.model_version`` (and the ``CT_*`` settings in
+its ``runtime_env``): replicas load the new version beside the old one and swap in place, so
+requests keep being answered. Then it waits until every answer names the new version, and a smoke
+test compares the service's predictions with the offline predictions of the same model. If any
+step fails, the previous application config is put back, the old version is checked to answer,
+and :class:`DeployError` says what failed and what is serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from ml.settings import Settings, load_settings, settings_env
+from serve.schemas import ServeOptions
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = Path(__file__).with_name("config.yaml")
+APP_NAME = "classifier"
+API_TOKEN_ENV = "CT_SERVE_API_TOKEN"
+# Texts for a smoke test when there are no offline predictions to compare with.
+DEFAULT_SMOKE_TEXTS = [
+    "Stocks rallied after the central bank left interest rates unchanged.",
+    "The striker scored twice as the home side won the cup final.",
+    "A new chip promises faster and cheaper machine learning in data centres.",
+    "Leaders met in Geneva to discuss the ceasefire.",
+]
+
+
+class DeployError(RuntimeError):
+    """A deploy or smoke test failed; the message says what failed and which version serves."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``GET /v1/model`` says."""
+
+    name: str
+    version: str
+    labels: list[str]
+    last_load_error: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Serving:
+        return cls(data["name"], str(data["version"]), list(data["labels"]), data.get("last_load_error"))
+
+
+class ServeDeployer:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        app_name: str = APP_NAME,
+        config_file: Path = CONFIG_FILE,
+        timeout_s: float = 600.0,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.app_name = app_name
+        self.config_file = config_file
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.serve_url = self.settings.serve_url.rstrip("/")
+
+    # ---- the Serve REST API -------------------------------------------------------------
+
+    @property
+    def _client(self):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        return ServeSubmissionClient(self.settings.ray_address)
+
+    def details(self) -> dict[str, Any]:
+        return self._client.get_serve_details()
+
+    def current_config(self) -> dict[str, Any] | None:
+        """The whole declarative config now running (every app), or None if Serve runs nothing."""
+        details = self.details()
+        apps = [app["deployed_app_config"] for app in (details.get("applications") or {}).values()]
+        apps = [app for app in apps if app]
+        if not apps:
+            return None
+        config = {"applications": apps}
+        if details.get("proxy_location"):
+            config["proxy_location"] = details["proxy_location"]
+        http = details.get("http_options") or {}
+        config["http_options"] = {k: http[k] for k in ("host", "port", "request_timeout_s") if http.get(k)}
+        return config
+
+    def app_config(self, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        for app in (config or {}).get("applications", []):
+            if app.get("name") == self.app_name:
+                return app
+        return None
+
+    def apply(self, config: dict[str, Any]) -> None:
+        self._client.deploy_applications(config)
+
+    def app_status(self) -> tuple[str, str]:
+        app = (self.details().get("applications") or {}).get(self.app_name)
+        if not app:
+            return "NOT_STARTED", ""
+        return app.get("status", "UNKNOWN"), app.get("message") or ""
+
+    # ---- the service over HTTP ----------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        token = os.environ.get(API_TOKEN_ENV)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def serving(self) -> Serving | None:
+        """What the service answers with now; None when nothing answers."""
+        try:
+            resp = requests.get(f"{self.serve_url}/v1/model", timeout=10)
+        except requests.RequestException:
+            return None
+        if resp.status_code != 200:
+            return None
+        return Serving.from_json(resp.json())
+
+    def predict(self, texts: list[str]) -> dict[str, Any]:
+        resp = requests.post(
+            f"{self.serve_url}/v1/predict",
+            json={"texts": texts, "return_all_scores": True},
+            headers=self._headers(),
+            timeout=60,
+        )
+        if resp.status_code != 200:
+            raise DeployError(f"POST /v1/predict answered {resp.status_code}: {resp.text[:500]}")
+        return resp.json()
+
+    # ---- deploy, verify, roll back ------------------------------------------------------
+
+    def build_config(self, base: dict[str, Any] | None, version: str, model_name: str | None = None) -> dict:
+        """``base`` (the running config, or ``serve/config.yaml``) with our app pointed at ``version``."""
+        config = copy.deepcopy(base) if base and self.app_config(base) else self._file_config(base)
+        app = self.app_config(config)
+        deployment = app["deployments"][0]
+        user_config = {
+            **(deployment.get("user_config") or {}),
+            "model_name": model_name or self.settings.registered_model,
+            "model_version": str(version),
+            "model_path": "",
+        }
+        ServeOptions.model_validate(user_config)  # refuse a bad config here, not in the replica
+        deployment["user_config"] = user_config
+        runtime_env = app.setdefault("runtime_env", {}) or {}
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **settings_env(self.settings)}
+        app["runtime_env"] = runtime_env
+        return config
+
+    def _file_config(self, running: dict[str, Any] | None) -> dict[str, Any]:
+        config = yaml.safe_load(self.config_file.read_text())
+        ours = [app for app in config["applications"] if app["name"] == self.app_name]
+        if not ours:
+            raise DeployError(f"{self.config_file} has no application named {self.app_name!r}")
+        if running:  # other applications keep running as they are
+            config["applications"] = [*running["applications"], *ours]
+            for key in ("proxy_location", "http_options"):
+                if key in running:
+                    config[key] = running[key]
+        else:
+            config["applications"] = ours
+        return config
+
+    def deploy(self, version: str | int, model_name: str | None = None) -> dict[str, Any]:
+        """Point the application at ``version``; wait until it answers with it; roll back on failure.
+
+        Returns ``{"version", "previous_version", "previous_config", "seconds"}``: what
+        :meth:`rollback` needs if a later check (the smoke test) fails.
+        """
+        version = str(version)
+        started = time.monotonic()
+        previous_config = self.current_config()
+        before = self.serving()
+        previous_version = before.version if before else None
+        config = self.build_config(previous_config, version, model_name)
+        log.info(
+            "deploying %s v%s to Serve application %r (serving now: %s)",
+            model_name or self.settings.registered_model,
+            version,
+            self.app_name,
+            f"v{previous_version}" if previous_version else "nothing",
+        )
+        try:
+            self.apply(config)
+            self.wait_for_version(version)
+        except Exception as err:
+            self.rollback(previous_config, previous_version, reason=f"deploy of v{version} failed: {err}")
+            raise AssertionError("unreachable") from err  # rollback always raises
+        seconds = round(time.monotonic() - started, 1)
+        log.info("v%s serves (%.1f s after the deploy started)", version, seconds)
+        return {
+            "version": version,
+            "previous_version": previous_version,
+            "previous_config": previous_config,
+            "seconds": seconds,
+        }
+
+    def wait_for_version(self, version: str, replicas_checks: int = 6) -> Serving:
+        """Until the app is RUNNING and ``replicas_checks`` answers in a row name ``version``."""
+        deadline = time.monotonic() + self.timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            status, message = self.app_status()
+            if status in {"DEPLOY_FAILED", "UNHEALTHY"}:
+                raise DeployError(f"application {self.app_name!r} is {status}: {message.strip()[:2000]}")
+            if status == "RUNNING":
+                answers = [self.serving() for _ in range(replicas_checks)]
+                if all(a is not None and a.version == version for a in answers):
+                    return answers[0]
+                failed = [a for a in answers if a is not None and a.version != version and a.last_load_error]
+                if failed:
+                    raise DeployError(
+                        f"the replicas could not load v{version} and kept v{failed[0].version}: "
+                        f"{failed[0].last_load_error}"
+                    )
+                last = ", ".join(f"v{a.version}" if a else "no answer" for a in answers)
+            else:
+                last = f"application {status}"
+            time.sleep(self.poll_s)
+        raise DeployError(f"v{version} was not serving after {self.timeout_s:.0f} s (last seen: {last})")
+
+    def rollback(
+        self, previous_config: dict[str, Any] | None, previous_version: str | None, reason: str
+    ) -> None:
+        """Put ``previous_config`` back, check the old version answers, and raise :class:`DeployError`."""
+        log.error("%s; rolling back", reason)
+        try:
+            if previous_config is None or self.app_config(previous_config) is None:
+                # nothing served before: take the broken application down rather than leave it half up
+                others = [
+                    a for a in (previous_config or {}).get("applications", []) if a["name"] != self.app_name
+                ]
+                self.apply({**(previous_config or {}), "applications": others})
+                raise DeployError(f"{reason}. Nothing was serving before; the application was removed.")
+            self.apply(previous_config)
+            if previous_version is not None:
+                self.wait_for_version(previous_version)
+                self.smoke_test(previous_version)
+        except DeployError:
+            raise
+        except Exception as err:
+            raise DeployError(f"{reason}. ROLLBACK ALSO FAILED: {err}") from err
+        raise DeployError(f"{reason}. Rolled back: v{previous_version} is serving and answers.")
+
+    def smoke_test(
+        self,
+        version: str,
+        expected: dict[str, Any] | None = None,
+        score_tolerance: float = 0.01,
+    ) -> dict[str, Any]:
+        """Fixed texts must get valid answers from ``version``, equal to ``expected`` if given.
+
+        ``expected`` is the evaluation's smoke set (``texts``, ``labels``, ``scores``): the same
+        model's offline predictions. Also checks that a malformed request gets a 4xx, not a 500.
+        """
+        texts = list(expected["texts"]) if expected else list(DEFAULT_SMOKE_TEXTS)
+        info = self.serving()
+        if info is None:
+            raise DeployError("GET /v1/model does not answer")
+        answer = self.predict(texts)
+        problems = []
+        if str(answer["model"]["version"]) != str(version):
+            problems.append(f"answered by v{answer['model']['version']}, not v{version}")
+        predictions = answer["predictions"]
+        if len(predictions) != len(texts):
+            problems.append(f"{len(predictions)} predictions for {len(texts)} texts")
+        for i, p in enumerate(predictions):
+            if p["label"] not in info.labels or not 0.0 <= p["score"] <= 1.0:
+                problems.append(f"text {i}: invalid prediction {p}")
+            elif abs(sum(p["scores"].values()) - 1.0) > 1e-3:
+                problems.append(f"text {i}: class probabilities sum to {sum(p['scores'].values()):.4f}")
+        if expected:
+            for i, (p, label, score) in enumerate(
+                zip(predictions, expected["labels"], expected["scores"], strict=False)
+            ):
+                if p["label"] != label:
+                    problems.append(f"text {i}: served {p['label']!r}, offline {label!r}")
+                elif abs(p["score"] - score) > score_tolerance:
+                    problems.append(f"text {i}: served score {p['score']:.4f}, offline {score:.4f}")
+        bad = requests.post(
+            f"{self.serve_url}/v1/predict", json={"texts": []}, headers=self._headers(), timeout=30
+        )
+        if not 400 <= bad.status_code < 500:
+            problems.append(f"an empty request got HTTP {bad.status_code}, expected a 4xx")
+        if problems:
+            raise DeployError(f"smoke test of v{version} failed: " + "; ".join(problems))
+        agreed = f", all {len(texts)} agree with the offline predictions" if expected else ""
+        log.info("smoke test of v%s passed: %d texts answered%s", version, len(texts), agreed)
+        return {"version": str(version), "texts": len(texts), "compared_offline": bool(expected)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--version", help="version number or alias (e.g. champion) to deploy")
+    group.add_argument("--status", action="store_true", help="print the application status and model")
+    parser.add_argument("--model", help="registered model name (default CT_REGISTERED_MODEL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    deployer = ServeDeployer()
+    if args.status:
+        status, message = deployer.app_status()
+        serving = deployer.serving()
+        print(
+            json.dumps(
+                {"status": status, "message": message, "serving": serving.__dict__ if serving else None}
+            )
+        )
+        return 0
+    version = args.version
+    if not version.isdigit():
+        from mlflow import MlflowClient
+
+        from ml.registry import resolve_version
+
+        client = MlflowClient(tracking_uri=deployer.settings.mlflow_tracking_uri)
+        version = str(
+            resolve_version(client, args.model or deployer.settings.registered_model, version).version
+        )
+    try:
+        result = deployer.deploy(version, model_name=args.model)
+        deployer.smoke_test(version)
+    except DeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "previous_config"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
