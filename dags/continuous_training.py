@@ -11,7 +11,9 @@ Daily, this DAG turns newly arrived labelled text into a training snapshot that 
 | `train` | Submits `python -m ml.train` to the Ray cluster as a job with a deterministic id (a retry re-attaches instead of training twice), then waits in the triggerer, streaming the job log here. Ray Train runs DeepSpeed ZeRO on `num_workers` workers, checkpoints every epoch to S3 and resumes from the last checkpoint if a worker dies. | task log: the job log; Ray dashboard http://127.0.0.1:8265 |
 | `training_summary` | Reads the job's result: epochs, best validation macro-F1, the MLflow run. | task log: MLflow run URL |
 | `evaluate` | A Ray job scoring the new model (challenger) and the current `champion` on the **same** held-out test split of this snapshot; logs metrics and a confusion matrix to the run; decides promotion. | MLflow run → artifacts `evaluation/` |
-| `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | MLflow → Models → text-classifier |
+| `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | MLflow → Models → `<dataset>-classifier` |
+| `deploy` | Only for a new champion: points the Ray Serve application `classifier` at it (Serve REST API; replicas load it beside the old model and swap in place, no request fails) and waits until every answer names the new version. If it does not load or serve, the previous config is put back and the task fails saying which version serves. Skipped when the gate said no. | task log; Ray dashboard → Serve |
+| `smoke_test` | Sends fixed test texts to `POST /v1/predict`: the new version must answer them exactly as it did offline in `evaluate` (labels, scores ±0.01), and a malformed request must get a 4xx. On failure: rollback as above. On success: MLflow alias `serving` → this version. | task log; `curl http://127.0.0.1:8000/v1/model` |
 
 **No new data** → `extract` is *skipped* with a log line saying so, and so is everything after it.
 **Every batch bad** → `validate` fails (no retry) naming each batch and its first failed expectation.
@@ -257,6 +259,57 @@ def continuous_training() -> None:
         log.info("%s version %s %s: %s", outcome["name"], outcome["version"], verdict, outcome["reason"])
         return outcome
 
+    @task(retries=1)
+    def deploy(outcome: dict[str, Any]) -> dict[str, Any]:
+        """Point the Ray Serve application at the new champion; roll back if it does not serve."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from ct_airflow.settings import pipeline_settings
+        from serve.deploy import DeployError, ServeDeployer
+
+        if not outcome["promoted"]:
+            raise AirflowSkipException(
+                f"v{outcome['version']} was not promoted; champion is still v{outcome['champion_version']}: "
+                "the serving application is left untouched"
+            )
+        settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
+        try:
+            result = ServeDeployer(settings).deploy(outcome["version"], model_name=outcome["name"])
+        except DeployError as err:
+            raise AirflowFailException(str(err)) from err
+        return {"name": outcome["name"], **result}
+
+    @task(retries=0)  # a retry after a rollback would re-test the old version: see NO_RETRY in the tests
+    def smoke_test(deployed: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+        """Served predictions must equal the evaluated model's offline ones; else roll back."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ct_airflow.settings import pipeline_settings
+        from ml.registry import mark_serving
+        from ml.storage import ObjectStore
+        from serve.deploy import DeployError, ServeDeployer
+
+        context = get_current_context()
+        settings = pipeline_settings(**_dataset_override(context["params"]))
+        expected = ObjectStore(settings).get_json(summary["evaluation_key"]).get("smoke")
+        deployer = ServeDeployer(settings)
+        version = deployed["version"]
+        try:
+            report = deployer.smoke_test(version, expected)
+        except DeployError as err:
+            try:
+                deployer.rollback(deployed["previous_config"], deployed["previous_version"], reason=str(err))
+            except DeployError as rolled_back:
+                raise AirflowFailException(str(rolled_back)) from err
+        mark_serving(settings, version, tags={"deployed_by": context["dag_run"].run_id})
+        log.info(
+            "%s v%s is serving at %s/v1/predict (MLflow alias 'serving')",
+            deployed["name"],
+            version,
+            settings.serve_url,
+        )
+        return {**report, "name": deployed["name"], "serve_url": settings.serve_url}
+
     validated = validate(extract())
     plan = plan_training(validated)
     train = RayJobOperator(
@@ -280,6 +333,7 @@ def continuous_training() -> None:
     )
     outcome = register(plan, summary, validated)
     evaluate >> outcome
+    smoke_test(deploy(outcome), summary)
 
 
 def trigger_reason(dag_run: Any) -> str:
