@@ -1,0 +1,267 @@
+"""The Ray Serve application on the real local stack: HTTP contract, zero-downtime redeploy,
+a broken model that must not replace a working one, rollback after a failed smoke test, and
+prediction logging to S3.
+
+Models are real exports of the base model (random seeded heads) registered in the real MLflow
+server; traffic is real HTTP to 127.0.0.1, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+
+from ml.settings import Settings
+from ml.storage import ObjectStore
+from serve.deploy import DeployError, ServeDeployer
+from tests.model_factory import build_export, corrupt_export, register_export, rotate_head
+
+pytestmark = pytest.mark.integration
+
+SERVE = "http://127.0.0.1:8000"
+
+
+@dataclass
+class Traffic:
+    """Closed-loop single-text requests from a few threads until stopped (or a bound is hit)."""
+
+    texts: list[str]
+    workers: int = 2
+    max_requests: int = 3000
+    max_seconds: float = 240.0
+    results: list[tuple[float, float, int, str | None]] = field(default_factory=list)  # sent, done, status, v
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.workers)
+        ]
+
+    def _run(self, worker: int) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + self.max_seconds
+        i = worker
+        while (
+            not self._stop.is_set() and time.monotonic() < deadline and len(self.results) < self.max_requests
+        ):
+            sent = time.monotonic()
+            try:
+                resp = session.post(
+                    f"{SERVE}/v1/predict", json={"text": self.texts[i % len(self.texts)]}, timeout=60
+                )
+                version = resp.json()["model"]["version"] if resp.status_code == 200 else None
+                status = resp.status_code
+            except (requests.RequestException, ValueError, KeyError):
+                status, version = -1, None
+            with self._lock:
+                self.results.append((sent, time.monotonic(), status, version))
+            i += self.workers
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+    @property
+    def failed(self) -> list[tuple[float, float, int, str | None]]:
+        return [r for r in self.results if r[2] != 200]
+
+    def versions_sent_after(self, moment: float) -> set[str | None]:
+        return {r[3] for r in self.results if r[0] > moment}
+
+
+@pytest.fixture(scope="module")
+def models(local_stack, tmp_path_factory):
+    """Three registered versions: ``good``, ``rotated`` (another valid model), ``broken`` (weights cut)."""
+    local_stack.require("s3", "mlflow", "ray")
+    settings = Settings(registered_model=f"it-serve-{uuid.uuid4().hex[:8]}")
+    tmp = tmp_path_factory.mktemp("serve-models")
+    good = build_export(tmp / "good")
+    exports = {
+        "good": good,
+        "rotated": rotate_head(good, tmp / "rotated"),
+        "broken": corrupt_export(good, tmp / "broken"),
+    }
+    versions = {key: register_export(settings, path) for key, path in exports.items()}
+    return settings, versions, exports
+
+
+@pytest.fixture(scope="module")
+def deployer(models):
+    settings, _, _ = models
+    deployer = ServeDeployer(settings, timeout_s=300, poll_s=1)
+    before = deployer.current_config()
+    yield deployer
+    # leave Serve as the tests found it
+    if before is not None:
+        deployer.apply(before)
+    else:
+        others = [
+            a for a in (deployer.current_config() or {}).get("applications", []) if a["name"] != "classifier"
+        ]
+        deployer.apply({"applications": others})
+
+
+def _serve(deployer: ServeDeployer, version: str) -> None:
+    if (
+        (now := deployer.serving()) is None
+        or now.version != version
+        or now.name != deployer.settings.registered_model
+    ):
+        deployer.deploy(version)
+
+
+def _offline(export, texts):
+    from ml.predict import TextClassifier
+
+    return TextClassifier.from_dir(export).predict(texts)
+
+
+def test_http_contract(models, deployer, agnews):
+    settings, versions, exports = models
+    _serve(deployer, versions["good"])
+    texts = agnews["text"].head(6).tolist()
+
+    assert requests.get(f"{SERVE}/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{SERVE}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["model"]["version"] == versions["good"]
+    info = requests.get(f"{SERVE}/v1/model", timeout=10).json()
+    assert info["name"] == settings.registered_model and info["version"] == versions["good"]
+    assert info["labels"] == ["Business", "Sports", "World"] and info["last_load_error"] is None
+    assert info["run_id"] and info["source"] == f"models:/{settings.registered_model}/{versions['good']}"
+    assert "/v1/predict" in requests.get(f"{SERVE}/openapi.json", timeout=10).json()["paths"]
+
+    # batched answers equal the offline predictions of the same export
+    body = requests.post(
+        f"{SERVE}/v1/predict", json={"texts": texts, "return_all_scores": True}, timeout=30
+    ).json()
+    assert body["model"] == {"name": settings.registered_model, "version": versions["good"]}
+    for p, (label, score) in zip(body["predictions"], _offline(exports["good"], texts), strict=True):
+        assert p["label"] == label and p["score"] == pytest.approx(score, abs=1e-4)
+        assert sum(p["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    single = requests.post(f"{SERVE}/v1/predict", json={"text": texts[0]}, timeout=30).json()
+    assert single["predictions"][0]["label"] == body["predictions"][0]["label"]
+    assert "scores" not in single["predictions"][0]
+
+    def post(payload=None, data=None):
+        resp = requests.post(
+            f"{SERVE}/v1/predict",
+            json=payload,
+            data=data,
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
+        return resp.status_code, resp.json()["detail"]
+
+    status, detail = post(data="{not json")
+    assert status == 400 and "malformed JSON" in detail
+    assert post({"texts": []}) == (422, "'texts' is empty: send at least one text")
+    assert post({"texts": ["ok", 3]}) == (422, "texts[1] must be a string, got int")
+    assert post({"texts": ["ok", "  "]}) == (422, "texts[1] is empty or whitespace only")
+    status, detail = post({"texts": ["x"] * 65})
+    assert status == 413 and "limit is 64" in detail
+    status, detail = post({"texts": ["a" * 10_001]})
+    assert status == 422 and "10001 characters" in detail
+    status, detail = post({"text": "a", "texts": ["b"]})
+    assert status == 422 and "exactly one" in detail
+
+
+def test_redeploy_under_load_fails_no_request(models, deployer, agnews):
+    _, versions, _ = models
+    _serve(deployer, versions["good"])
+    with Traffic(agnews["text"].head(200).tolist()) as traffic:
+        time.sleep(3)
+        result = deployer.deploy(versions["rotated"])
+        switched = time.monotonic()
+        time.sleep(3)
+    assert result["previous_version"] == versions["good"]
+    assert len(traffic.results) > 20, "too little traffic to show anything"
+    assert traffic.failed == [], traffic.failed[:5]
+    seen = [r[3] for r in sorted(traffic.results)]
+    assert seen[0] == versions["good"] and seen[-1] == versions["rotated"]
+    # once the deploy returned, every request got the new version
+    assert traffic.versions_sent_after(switched) == {versions["rotated"]}
+    assert deployer.serving().version == versions["rotated"]
+
+
+def test_broken_model_leaves_the_old_one_serving(models, deployer, agnews):
+    _, versions, _ = models
+    _serve(deployer, versions["rotated"])
+    with Traffic(agnews["text"].head(200).tolist()) as traffic:
+        time.sleep(2)
+        with pytest.raises(DeployError) as failure:
+            deployer.deploy(versions["broken"])
+        time.sleep(2)
+    message = str(failure.value)
+    assert len(traffic.results) > 20, "too little traffic to show anything"
+    assert f"v{versions['broken']}" in message and "could not load" in message
+    assert f"Rolled back: v{versions['rotated']} is serving" in message
+    assert traffic.failed == [], traffic.failed[:5]
+    assert {r[3] for r in traffic.results} == {versions["rotated"]}
+    serving = deployer.serving()
+    assert serving.version == versions["rotated"] and serving.last_load_error is None
+    # the running config names the old version again
+    app = deployer.app_config(deployer.current_config())
+    assert app["deployments"][0]["user_config"]["model_version"] == versions["rotated"]
+
+
+def test_failed_smoke_test_rolls_back(models, deployer, agnews):
+    """What the DAG's smoke_test does: the new version answers, but not like it did offline."""
+    _, versions, exports = models
+    _serve(deployer, versions["rotated"])
+    texts = agnews["text"].head(4).tolist()
+    deployed = deployer.deploy(versions["good"])
+    # offline predictions of another model: the served ones cannot match them
+    wrong = _offline(exports["rotated"], texts)
+    expected = {"texts": texts, "labels": [x for x, _ in wrong], "scores": [s for _, s in wrong]}
+    with pytest.raises(DeployError, match=f"smoke test of v{versions['good']} failed: text 0: served"):
+        deployer.smoke_test(versions["good"], expected)
+    with pytest.raises(DeployError, match=f"Rolled back: v{versions['rotated']} is serving"):
+        deployer.rollback(
+            deployed["previous_config"], deployed["previous_version"], reason="smoke test failed"
+        )
+    assert deployer.serving().version == versions["rotated"]
+    # and the right expectations pass
+    right = _offline(exports["rotated"], texts)
+    deployer.smoke_test(
+        versions["rotated"],
+        {"texts": texts, "labels": [x for x, _ in right], "scores": [s for _, s in right]},
+    )
+
+
+def test_served_predictions_are_logged_to_s3(models, deployer):
+    from serve.prediction_log import read_predictions
+
+    settings, versions, _ = models
+    _serve(deployer, versions["rotated"])
+    marker = f"logged text {uuid.uuid4().hex}"
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    resp = requests.post(f"{SERVE}/v1/predict", json={"texts": [marker, marker + " again"]}, timeout=30)
+    assert resp.status_code == 200
+    store = ObjectStore(settings)
+    deadline = time.monotonic() + 30  # flushed every 5 s
+    while time.monotonic() < deadline:
+        frame = read_predictions(store, start, datetime.now(UTC) + timedelta(minutes=1))
+        rows = frame[frame["text"].str.startswith(marker)] if len(frame) else frame
+        if len(rows) == 2:
+            break
+        time.sleep(1)
+    assert len(rows) == 2, f"prediction log has {len(rows)} of 2 rows"
+    assert set(rows["model_version"]) == {versions["rotated"]}
+    assert set(rows["model_name"]) == {settings.registered_model}
+    assert set(rows["request_id"]) == {resp.json()["request_id"]}
+    assert rows["label"].isin(["Business", "Sports", "World"]).all()
+    keys = [o.key for o in store.list(f"predictions/dt={start:%Y-%m-%d}/")]
+    assert keys and all("/hour=" in k and k.endswith(".parquet") for k in keys)
