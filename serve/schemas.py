@@ -130,7 +130,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[int, str]:
             problems.append(
                 f"unknown field {where!r}: the body takes 'texts' or 'text', and 'return_all_scores'"
             )
-        elif kind == "model_attributes_type":
+        elif kind in {"model_attributes_type", "model_type"}:
             problems.append('the body must be a JSON object like {"texts": ["..."]}')
         else:
             problems.append(f"{where}: {err.get('msg')}")
