@@ -72,16 +72,31 @@ class AirflowClient:
         instances = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         return {ti["task_id"]: ti["state"] for ti in instances["task_instances"]}
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> dict[str, Any]:
-        """Poll until the run ends; logs task states as they change."""
-        deadline = time.monotonic() + timeout
+    def wait_for_run(
+        self, dag_id: str, run_id: str, timeout: float = 600, heartbeat_s: float = 60
+    ) -> dict[str, Any]:
+        """Poll until the run ends; logs task states as they change, and every ``heartbeat_s``."""
+        started = time.monotonic()
+        deadline = started + timeout
         last: dict[str, str | None] = {}
+        last_logged = started
         while True:
             run = self.run(dag_id, run_id)
             states = self.task_states(dag_id, run_id)
+            now = time.monotonic()
             if states != last:
                 log.info("%s %s: %s", dag_id, run["state"], ", ".join(f"{k}={v}" for k, v in states.items()))
-                last = states
+                last, last_logged = states, now
+            elif now - last_logged >= heartbeat_s:
+                running = [k for k, v in states.items() if v == "running"] or ["(scheduling)"]
+                log.info(
+                    "%s still %s after %.0f s: %s running",
+                    dag_id,
+                    run["state"],
+                    now - started,
+                    ", ".join(running),
+                )
+                last_logged = now
             if run["state"] in TERMINAL_RUN_STATES:
                 return run
             if time.monotonic() > deadline:

@@ -1,7 +1,9 @@
-"""The README's one-command demo: seed data, run ``continuous_training`` through Airflow, report.
+"""The README's one-command demo: seed data, run ``continuous_training`` through Airflow, report,
+and finish with a prediction served by Ray Serve from the model MLflow marks ``champion``.
 
 On the 2-core CPU machines we test on, the full run (AG News 5.6k, 2 epochs, 2 Ray workers,
-DeepSpeed ZeRO-2) takes roughly 10-15 minutes; progress shows in the log and the Airflow UI.
+DeepSpeed ZeRO-2, deploy, smoke test) takes roughly 12-15 minutes; progress shows in the log
+and the Airflow UI.
 
 Expects the local stack to be up (``make demo`` runs ``make up`` first). Unpausing the DAG
 makes the scheduler start today's daily run, which consumes the seeded batches; if today's run
@@ -81,9 +83,52 @@ def report(settings: Settings, store: ObjectStore, client: AirflowClient, run_id
             f"  registered {outcome['name']} v{outcome['version']}: "
             f"{'champion' if outcome['promoted'] else 'challenger'} - {outcome['reason']}"
         )
+    if states.get("smoke_test") == "success":
+        deployed = client.xcom(DAG_ID, run_id, "deploy")
+        print(
+            f"  deployed   v{deployed['version']} to Ray Serve in {deployed['seconds']:.0f} s "
+            f"(before: {'v' + deployed['previous_version'] if deployed['previous_version'] else 'nothing'}); "
+            "smoke test passed"
+        )
+    elif states.get("deploy") == "skipped" and states.get("register") == "success":
+        print("  deploy     skipped: the champion did not change")
     elif states.get("extract") == "skipped":
         print("  no new data since the last snapshot: the run skipped cleanly")
     return run["state"] == "success"
+
+
+DEMO_TEXT = "Oil prices climb as OPEC signals deeper output cuts"
+
+
+def show_serving(settings: Settings) -> bool:
+    """One prediction over HTTP, checked against the version MLflow marks champion."""
+    import json
+
+    import requests
+    from mlflow import MlflowClient
+
+    from ml.registry import champion_version
+
+    champion = champion_version(MlflowClient(settings.mlflow_tracking_uri), settings.registered_model)
+    body = {"texts": [DEMO_TEXT]}
+    url = f"{settings.serve_url}/v1/predict"
+    try:
+        resp = requests.post(url, json=body, timeout=30)
+    except requests.RequestException as err:
+        print(f"\nRay Serve does not answer at {url}: {err}")
+        return False
+    if resp.status_code != 200:
+        print(f"\n{url} answered {resp.status_code}: {resp.text[:300]}")
+        return False
+    answer = resp.json()
+    marked = f"v{champion.version}" if champion else "nothing"
+    print(f"\nServed prediction (MLflow marks {marked} of {settings.registered_model} champion):")
+    print(f"  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+    print(f"  {json.dumps(answer)}")
+    if champion is None or answer["model"]["version"] != str(champion.version):
+        print("  WARNING: the service does not answer with the champion version (see the deploy task's log)")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("waiting for %s (watch it at http://127.0.0.1:8080/dags/%s)", run_id, DAG_ID)
         client.wait_for_run(DAG_ID, run_id, timeout=args.timeout)
         ok = report(settings, store, client, run_id) and ok
+    ok = show_serving(settings) and ok
     print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user} / {password})")
-    print("MLflow UI:  http://127.0.0.1:5000")
+    print(f"MLflow UI:  {settings.mlflow_tracking_uri}   Ray dashboard: {settings.ray_address}")
+    print(f"API docs:   {settings.serve_url}/docs")
+    print("The stack keeps running for you to explore; stop it with `make down` (S3 data is in memory).")
     return 0 if ok else 1
 
 
