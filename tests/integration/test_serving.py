@@ -8,6 +8,7 @@ server; traffic is real HTTP to 127.0.0.1, bounded in count and time.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import requests
 from ml.settings import Settings
 from ml.storage import ObjectStore
 from serve.deploy import DeployError, ServeDeployer
+from tests.conftest import REPO_ROOT
 from tests.model_factory import build_export, corrupt_export, register_export, rotate_head
 
 pytestmark = pytest.mark.integration
@@ -265,3 +267,34 @@ def test_served_predictions_are_logged_to_s3(models, deployer):
     assert rows["label"].isin(["Business", "Sports", "World"]).all()
     keys = [o.key for o in store.list(f"predictions/dt={start:%Y-%m-%d}/")]
     assert keys and all("/hour=" in k and k.endswith(".parquet") for k in keys)
+
+
+def test_custom_metrics_are_exported(models, deployer):
+    """The app's metrics reach Ray's Prometheus endpoint (what a scraper reads)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from stack import RAY_METRICS_PORT
+
+    settings, versions, _ = models
+    _serve(deployer, versions["rotated"])
+    requests.post(
+        f"{SERVE}/v1/predict", json={"texts": ["one", "two", "three"]}, timeout=30
+    ).raise_for_status()
+    wanted = {
+        "ray_ct_serve_batch_size_count",
+        "ray_ct_serve_request_latency_ms_count",
+        "ray_ct_serve_texts_total",
+        "ray_ct_serve_prediction_log_written_total",
+    }
+    info = f'model_name="{settings.registered_model}",model_version="{versions["rotated"]}"'
+    deadline = time.monotonic() + 60  # metrics are pushed to the exporter every few seconds
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", timeout=10).text
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+        model_info = [
+            line for line in text.splitlines() if line.startswith("ray_ct_serve_model_info{") and info in line
+        ]
+        if wanted <= names and model_info and model_info[0].endswith(" 1.0"):
+            break
+        time.sleep(2)
+    assert wanted <= names, wanted - names
+    assert model_info and model_info[0].endswith(" 1.0"), model_info

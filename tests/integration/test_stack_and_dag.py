@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import requests
 
 from ml.seed import seed_raw
 from ml.settings import Settings
@@ -75,8 +76,9 @@ SMALL_TRAINING = {"batch_size": 8, "max_length": 32, "num_workers": 2, "zero_sta
 
 
 def test_continuous_training_through_airflow(airflow, full_stack):
-    """Run 1 trains and becomes champion; run 2 (a worse, 0-epoch model) stays challenger;
-    run 3 finds no new data and skips. All asserted through Airflow, S3 and MLflow."""
+    """Run 1 trains, becomes champion and is deployed; run 2 (a worse, 0-epoch model) stays
+    challenger and serving is untouched; run 3 finds no new data and skips. All asserted through
+    Airflow, S3, MLflow and the service's HTTP API."""
     from mlflow import MlflowClient
 
     settings = Settings(dataset=f"it-dag-{uuid.uuid4().hex[:8]}")
@@ -125,6 +127,15 @@ def test_continuous_training_through_airflow(airflow, full_stack):
     artifacts = {a.path for a in mlflow.list_artifacts(summary["mlflow_run_id"], "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
 
+    # deploy -> smoke test: the service answers with the new champion; MLflow marks it serving
+    states = airflow.task_states(DAG_ID, run_id)
+    assert states["deploy"] == states["smoke_test"] == "success", states
+    smoke = airflow.xcom(DAG_ID, run_id, "smoke_test")
+    assert smoke["version"] == "1" and smoke["compared_offline"] is True
+    served = requests.post(f"{settings.serve_url}/v1/predict", json={"text": "Stocks fell."}, timeout=30)
+    assert served.json()["model"] == {"name": name, "version": "1"}
+    assert mlflow.get_model_version_by_alias(name, "serving").version == "1"
+
     # run 2: new data, a worse model (0 epochs = untrained head) -> challenger only
     seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_more", seed=1)
     second = airflow.trigger(DAG_ID, conf={**conf, "epochs": 0})
@@ -136,6 +147,11 @@ def test_continuous_training_through_airflow(airflow, full_stack):
     challenger = mlflow.get_model_version_by_alias(name, "challenger")
     assert challenger.version == "2"
     assert challenger.tags["gate_decision"] != "promote"
+    # not promoted: serving untouched
+    states = airflow.task_states(DAG_ID, second)
+    assert states["deploy"] == states["smoke_test"] == "skipped", states
+    served = requests.post(f"{settings.serve_url}/v1/predict", json={"text": "Stocks fell."}, timeout=30)
+    assert served.json()["model"]["version"] == "1"
 
     # run 3: nothing new -> everything after extract is skipped, and the run still succeeds
     third = airflow.trigger(DAG_ID, conf={"dataset": settings.dataset})
