@@ -7,7 +7,6 @@ the first is right; ``register_export`` logs an export as a run's pyfunc model a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,22 +20,9 @@ LABELS = ["Business", "Sports", "World"]
 
 def build_export(directory: Path, labels: list[str] = LABELS, seed: int = 0) -> Path:
     """The base model with a random (seeded) head, exported like training does."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from ml.predict import export_base_model
 
-    base = Settings().resolved_base_model()
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
-    model.save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
-    (directory / "label_map.json").write_text(json.dumps({"labels": labels}))
-    (directory / "training_config.json").write_text(json.dumps({"max_length": 32}))
-    return directory
+    return export_base_model(directory, labels, max_length=32, seed=seed)
 
 
 def rotate_head(src: Path, dst: Path) -> Path:

@@ -12,8 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ml.predict import DEFAULT_MAX_LENGTH, TextClassifier
-from ml.settings import Settings
+from ml.predict import DEFAULT_MAX_LENGTH, TextClassifier, export_base_model
 
 LABELS = ["Business", "Sports", "World"]
 MAX_LENGTH = 24
@@ -21,23 +20,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
 def build_export(directory: Path, labels: list[str], max_length: int, seed: int = 0) -> Path:
-    """What training exports: the base model with a (here random) head, as safetensors."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    base = Settings().resolved_base_model()
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
-    model.save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
-    (directory / "label_map.json").write_text(json.dumps({"labels": labels}))
-    (directory / "training_config.json").write_text(json.dumps({"max_length": max_length, "epochs": 0}))
-    return directory
+    return export_base_model(directory, labels, max_length=max_length, seed=seed)
 
 
 @pytest.fixture(scope="module")
