@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # The venv's tools first: DeepSpeed JIT-builds a CPU op with `ninja` and rebuilds it whenever a
 # different ninja (e.g. the system's) touched the cache; Ray workers use the venv's.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -9,7 +10,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 .DEFAULT_GOAL := help
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: ## Create .venv with every pinned dependency (seconds when nothing changed)
 	@bash scripts/setup.sh
@@ -39,7 +40,10 @@ test: setup lint ## Lint, then unit, DAG and integration tests (starts and stops
 test-fast: setup ## Unit and DAG tests only (no services)
 	@$(PY) -m pytest tests/unit tests/dags $(PYTEST_ARGS)
 
+bench-serve: setup ## Serving benchmark: batched vs unbatched vs bare model (starts Ray; BENCH_ARGS=...)
+	@$(PY) benchmarks/serve_bench.py $(BENCH_ARGS)
+
 clean: down ## Stop the stack and delete its state (.state/)
 	rm -rf .state
 
-.PHONY: help setup up down status seed demo lint test test-fast clean
+.PHONY: help setup up down status seed demo lint test test-fast bench-serve clean

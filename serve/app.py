@@ -143,12 +143,17 @@ def _model_fields(options: ServeOptions) -> tuple[Any, ...]:
     return (options.model_name, options.model_version, options.model_path, options.device, options.dtype)
 
 
-def _set_threads(requested: int) -> None:
+def _infer(classifier: Any, texts: list[str], threads: int) -> np.ndarray:
+    """One forward pass over ``texts``, in a worker thread.
+
+    The thread count is set here, not in ``reconfigure``: OpenMP keeps it per OS thread, so a
+    worker that already ran inference would otherwise keep the old value.
+    """
     import torch
 
-    threads = requested or _assigned_cpus()
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    return classifier.predict_proba(texts, batch_size=len(texts))
 
 
 def _assigned_cpus() -> int:
@@ -215,6 +220,7 @@ class Classifier:
         self._model: LoadedModel | None = None
         self._options: ServeOptions | None = None
         self._load_error: str | None = None
+        self._threads = 0
         self._reload_lock = asyncio.Lock()
         self._prediction_log = None
         self._batch_size = metrics.Histogram(
@@ -250,7 +256,7 @@ class Classifier:
         options = ServeOptions.model_validate(user_config or {})
         self._classify.set_max_batch_size(options.max_batch_size)
         self._classify.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
-        _set_threads(options.torch_threads)
+        self._threads = options.torch_threads or _assigned_cpus()
         previous, self._options = self._options, options
         if self._model is None or previous is None or _model_fields(previous) != _model_fields(options):
             await self._swap_model(options)
@@ -413,7 +419,7 @@ class Classifier:
             model = items[indices[0]][1]
             texts = [items[i][0] for i in indices]
             # in a thread: the event loop keeps accepting requests (and filling the next batch)
-            probs = await asyncio.to_thread(model.classifier.predict_proba, texts, len(texts))
+            probs = await asyncio.to_thread(_infer, model.classifier, texts, self._threads)
             for i, row in zip(indices, probs, strict=True):
                 out[i] = row
         return out
