@@ -984,7 +984,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_float_list,
         default=[5.0, 100.0],
         help="batch_wait_timeout_s of the batched mode(s) in ms (default 5,100: a short wait, and one long "
-        "enough for batches to fill, serve/config.yaml's); every combination with --max-batch-size is measured",
+        "enough for batches to fill, serve/config.yaml's); each combined with every --max-batch-size",
     )
     serve.add_argument(
         "--import-path",
