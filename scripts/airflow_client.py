@@ -10,6 +10,8 @@ import requests
 
 log = logging.getLogger(__name__)
 
+# a deferred task is waiting in the triggerer (e.g. for its Ray job): it is working, not stuck
+ACTIVE_TASK_STATES = frozenset({"queued", "running", "deferred", "up_for_retry", "up_for_reschedule"})
 TERMINAL_RUN_STATES = {"success", "failed"}
 
 
@@ -88,13 +90,13 @@ class AirflowClient:
                 log.info("%s %s: %s", dag_id, run["state"], ", ".join(f"{k}={v}" for k, v in states.items()))
                 last, last_logged = states, now
             elif now - last_logged >= heartbeat_s:
-                running = [k for k, v in states.items() if v == "running"] or ["(scheduling)"]
+                busy = [f"{k} ({v})" for k, v in states.items() if v in ACTIVE_TASK_STATES] or ["nothing yet"]
                 log.info(
-                    "%s still %s after %.0f s: %s running",
+                    "%s still %s after %.0f s: %s",
                     dag_id,
                     run["state"],
                     now - started,
-                    ", ".join(running),
+                    ", ".join(busy),
                 )
                 last_logged = now
             if run["state"] in TERMINAL_RUN_STATES:
