@@ -50,6 +50,19 @@ class ObjectInfo:
     last_modified: datetime | None
 
 
+def minio_client(settings: Settings, http_client: Any = None) -> Minio:
+    """A :class:`minio.Minio` for the configured endpoint; ``http_client`` (a urllib3 pool) sets
+    timeouts and retries, e.g. to fail fast in health checks and the prediction logger."""
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        http_client=http_client,
+    )
+
+
 class ObjectStore:
     """A small façade over :class:`minio.Minio` bound to one bucket; connects lazily."""
 
@@ -59,14 +72,7 @@ class ObjectStore:
 
     @cached_property
     def client(self) -> Minio:
-        s = self.settings
-        return Minio(
-            s.s3_endpoint,
-            access_key=s.s3_access_key,
-            secret_key=s.s3_secret_key,
-            secure=s.s3_secure,
-            region=s.s3_region,
-        )
+        return minio_client(self.settings)
 
     def ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):

@@ -222,17 +222,11 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 def _minio_client(s: Settings) -> Minio:
     """A minio client that fails fast (no retries) so health checks stay snappy."""
     import urllib3
-    from minio import Minio
+
+    from ml.storage import minio_client
 
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=5), retries=urllib3.Retry(total=0))
-    return Minio(
-        s.s3_endpoint,
-        access_key=s.s3_access_key,
-        secret_key=s.s3_secret_key,
-        secure=s.s3_secure,
-        region=s.s3_region,
-        http_client=http,
-    )
+    return minio_client(s, http)
 
 
 def _s3_healthy(s: Settings) -> bool:

@@ -55,9 +55,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import urllib3
-from minio import Minio
 
-from ml.storage import ObjectStore
+from ml.storage import ObjectStore, minio_client
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,6 @@ def fail_fast_store(
     right for a batch task, wrong for a logger that must notice an outage and keep buffering.
     The copy has the same endpoint, credentials, region and bucket; ``store`` is left untouched.
     """
-    s = store.settings
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
         maxsize=4,
@@ -107,14 +105,7 @@ def fail_fast_store(
         retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
     )
     fast = copy.copy(store)
-    fast.client = Minio(  # shadows the cached_property on the copy only
-        s.s3_endpoint,
-        access_key=s.s3_access_key,
-        secret_key=s.s3_secret_key,
-        secure=s.s3_secure,
-        region=s.s3_region,
-        http_client=http,
-    )
+    fast.client = minio_client(store.settings, http)  # shadows the cached_property on the copy only
     return fast
 
 
