@@ -28,8 +28,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 import yaml
@@ -88,8 +89,9 @@ class ServeDeployer:
 
     # ---- the Serve REST API -------------------------------------------------------------
 
-    @property
+    @cached_property
     def _client(self):
+        """One client per deployer: creating it costs a request (Ray's version check)."""
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
         return ServeSubmissionClient(self.settings.ray_address)
@@ -211,7 +213,6 @@ class ServeDeployer:
             self.wait_for_version(version)
         except Exception as err:
             self.rollback(previous_config, previous_version, reason=f"deploy of v{version} failed: {err}")
-            raise AssertionError("unreachable") from err  # rollback always raises
         seconds = round(time.monotonic() - started, 1)
         log.info("v%s serves (%.1f s after the deploy started)", version, seconds)
         return {
@@ -247,7 +248,7 @@ class ServeDeployer:
 
     def rollback(
         self, previous_config: dict[str, Any] | None, previous_version: str | None, reason: str
-    ) -> None:
+    ) -> NoReturn:
         """Put ``previous_config`` back, check the old version answers, and raise :class:`DeployError`."""
         log.error("%s; rolling back", reason)
         try:

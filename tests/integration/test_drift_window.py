@@ -1,5 +1,8 @@
 """A drift check against the real S3 and MLflow servers: the window comes from the prediction log,
-the reference from the training split of the model version that served it."""
+the reference from the training split of the model version that served it.
+
+(Not named test_monitor.py: `ray stop`, run when the test session stops the Ray it started, kills
+every process whose command line contains "monitor.py", pytest included.)"""
 
 from __future__ import annotations
 
