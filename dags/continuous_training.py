@@ -36,24 +36,44 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
+from ct_airflow.assets import RAW_DATA, dataset_from_events
+from ct_airflow.failures import explain_failure
+from ct_airflow.links import (
+    DataDocsLink,
+    MlflowModelLink,
+    MlflowRunLink,
+    ServedModelLink,
+    publish_links,
+    with_links,
+)
 from ct_airflow.ray_job import RayJobOperator
 
 DAG_ID = "continuous_training"
 log = logging.getLogger(__name__)
 
 
-def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
-    return {"dataset": params["dataset"]} if params.get("dataset") else {}
+def _settings(context: Any) -> Any:
+    """Pipeline settings for the run's dataset: the ``dataset`` param, else the dataset named by
+    the raw-data asset event that triggered the run, else ``CT_DATASET``."""
+    from ct_airflow.settings import pipeline_settings
+
+    dataset = context["params"].get("dataset") or dataset_from_events(context.get("triggering_asset_events"))
+    return pipeline_settings(**({"dataset": dataset} if dataset else {}))
 
 
 @dag(
     dag_id=DAG_ID,
-    schedule="@daily",
+    # Daily (CT_TRAINING_SCHEDULE, cron, UTC) *or* as soon as raw_data_watch announces new data.
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(os.environ.get("CT_TRAINING_SCHEDULE", "@daily"), timezone="UTC"),
+        assets=[RAW_DATA],
+    ),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     # Runs consume raw batches in order; two at once would race for the same batches.
@@ -94,6 +114,14 @@ def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
             title="Row cap",
             description="Use at most this many validated rows (quick trials). Empty = all.",
         ),
+        "data_window_days": Param(
+            30,
+            type=["null", "number"],
+            minimum=0,
+            title="Data window (days)",
+            description="Train on the new batches plus the validated data of earlier snapshots created "
+            "within this many days. 0 = only the new batches; empty = all history.",
+        ),
         "gate_min_macro_f1": Param(
             None,
             type=["null", "number"],
@@ -102,6 +130,21 @@ def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
             title="Promotion floor",
             description="Override CT_GATE_MIN_MACRO_F1 for this run.",
         ),
+        "force_promote": Param(
+            False,
+            type="boolean",
+            title="Force promote (DANGER)",
+            description="WARNING: makes the new model champion and deploys it even if it is WORSE than the "
+            "current champion or below the floor. For emergencies only (e.g. the champion is broken); "
+            "recorded on the model version as forced_promotion=true. The smoke test still guards the deploy.",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Extract, validate, train and evaluate, then stop: nothing is registered, no alias "
+            "moves, nothing is deployed, and the new batches stay unconsumed for the next real run.",
+        ),
     },
     default_args={
         "owner": "ml-platform",
@@ -109,6 +152,7 @@ def _dataset_override(params: dict[str, Any]) -> dict[str, Any]:
         "retry_delay": timedelta(minutes=1),
         "retry_exponential_backoff": True,
         "execution_timeout": timedelta(hours=2),
+        "on_failure_callback": explain_failure,
     },
 )
 def continuous_training() -> None:
@@ -117,14 +161,20 @@ def continuous_training() -> None:
         """Snapshot the due, unconsumed raw batches; skip the run when there are none."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ct_airflow.settings import pipeline_settings
         from ml.extract import extract_snapshot
 
         context = get_current_context()
         dag_run = context["dag_run"]
         cutoff = context.get("data_interval_end") or dag_run.run_after
-        settings = pipeline_settings(**_dataset_override(context["params"]))
-        manifest = extract_snapshot(settings, run_id=dag_run.run_id, cutoff=cutoff, dag_id=DAG_ID)
+        settings = _settings(context)
+        log.info("run %s (%s): dataset %s", dag_run.run_id, trigger_reason(dag_run), settings.dataset)
+        manifest = extract_snapshot(
+            settings,
+            run_id=dag_run.run_id,
+            cutoff=cutoff,
+            dag_id=DAG_ID,
+            dry_run=bool(context["params"].get("dry_run")),
+        )
         if manifest is None:
             raise AirflowSkipException(
                 f"no new data: every batch under raw/{settings.dataset}/ due by {cutoff:%Y-%m-%d %H:%M} "
@@ -132,6 +182,7 @@ def continuous_training() -> None:
             )
         return {
             "snapshot_id": manifest["snapshot_id"],
+            "dataset": settings.dataset,
             "batches": [b["batch_id"] for b in manifest["batches"]],
             "rows": manifest["total_rows"],
         }
@@ -141,15 +192,19 @@ def continuous_training() -> None:
         """Gate every batch; quarantine failures; fail only when nothing valid remains."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from ct_airflow.settings import pipeline_settings
+        from ml.storage import SNAPSHOTS, ObjectStore
         from ml.validate import NoValidDataError, validate_snapshot
 
+        context = get_current_context()
+        settings = _settings(context)
         try:
-            settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
             summary = validate_snapshot(settings, snapshot["snapshot_id"])
         except NoValidDataError as err:
+            report = ObjectStore(settings).get_json(f"{SNAPSHOTS}/{snapshot['snapshot_id']}/validation.json")
+            publish_links(context, data_docs=report.get("data_docs"))
             # Bad data does not get better on retry: fail for good, with the reasons.
             raise AirflowFailException(str(err)) from err
+        publish_links(context, data_docs=summary["data_docs"])
         return {
             "snapshot_id": summary["snapshot_id"],
             "validated_key": summary["validated_key"],
@@ -167,13 +222,12 @@ def continuous_training() -> None:
         from airflow.sdk.exceptions import AirflowFailException
         from pydantic import ValidationError
 
-        from ct_airflow.settings import pipeline_settings
         from ml.settings import settings_env
         from ml.train import TrainConfig
 
         context = get_current_context()
         params, dag_run = context["params"], context["dag_run"]
-        settings = pipeline_settings(**_dataset_override(params))
+        settings = _settings(context)
         run_name = training_run_name(gate["snapshot_id"], dag_run.run_id)
         try:
             config = TrainConfig(
@@ -187,7 +241,9 @@ def continuous_training() -> None:
                 zero_stage=params["zero_stage"],
                 max_length=params["max_length"],
                 max_rows=params["max_rows"],
+                data_window_days=params.get("data_window_days"),
                 trigger_reason=trigger_reason(dag_run),
+                trigger_tags=trigger_tags(dag_run),
                 dag_run_id=dag_run.run_id,
             )
         except ValidationError as err:
@@ -210,24 +266,27 @@ def continuous_training() -> None:
         """Read the training job's result and build the evaluation job's entrypoint."""
         import shlex
 
-        from ct_airflow.settings import pipeline_settings
+        from ml.registry import run_url
         from ml.storage import ObjectStore
 
-        settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
+        context = get_current_context()
+        settings = _settings(context)
         result = ObjectStore(settings).get_json(plan["result_key"])
+        url = run_url(settings, result["mlflow_run_id"])
+        publish_links(context, mlflow_run=url)
         log.info(
-            "trained %s: %d epochs, best validation macro-F1 %s at epoch %s, %.0f s; MLflow run %s/#/experiments/runs/%s",
+            "trained %s: %d epochs, best validation macro-F1 %s at epoch %s, %.0f s; MLflow run %s",
             plan["run_name"],
             result["epochs_completed"],
             result["best_val_macro_f1"],
             result["best_epoch"],
             result["fit_seconds"],
-            settings.mlflow_tracking_uri,
-            result["mlflow_run_id"],
+            url,
         )
         evaluation_key = f"training/{plan['run_name']}/evaluation.json"
         return {
             **{k: result[k] for k in ("mlflow_run_id", "epochs_completed", "best_val_macro_f1", "labels")},
+            "mlflow_run_url": url,
             "evaluation_key": evaluation_key,
             "entrypoint": f"python -m ml.evaluate --snapshot-id {shlex.quote(plan['snapshot_id'])} "
             f"--run-id {shlex.quote(result['mlflow_run_id'])} --result-key {shlex.quote(evaluation_key)}",
@@ -236,14 +295,22 @@ def continuous_training() -> None:
     @task
     def register(plan: dict[str, Any], summary: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
         """Register the model version; alias challenger always, champion only through the gate."""
-        from ct_airflow.settings import pipeline_settings
-        from ml.registry import register_challenger
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from ml.registry import model_version_url, register_challenger
         from ml.storage import ObjectStore
 
         context = get_current_context()
         params, dag_run = context["params"], context["dag_run"]
-        settings = pipeline_settings(**_dataset_override(params))
+        settings = _settings(context)
         evaluation = ObjectStore(settings).get_json(summary["evaluation_key"])
+        publish_links(context, mlflow_run=summary.get("mlflow_run_url"))
+        if params.get("dry_run"):
+            gate = evaluation["gate"]
+            raise AirflowSkipException(
+                f"dry run: nothing registered or deployed. The gate would have said "
+                f"{'PROMOTE' if gate['promote'] else 'REJECT'}: {gate['reason']}"
+            )
         outcome = register_challenger(
             settings,
             summary["mlflow_run_id"],
@@ -252,9 +319,12 @@ def continuous_training() -> None:
                 "snapshot_id": plan["snapshot_id"],
                 "validation": f"{gate['rows']} rows accepted, quarantined: {gate['quarantined'] or 'none'}",
                 "trigger_reason": trigger_reason(dag_run),
+                **trigger_tags(dag_run),
                 "dag_run_id": dag_run.run_id,
             },
+            force_promote=bool(params.get("force_promote")),
         )
+        publish_links(context, mlflow_model=model_version_url(settings, outcome["name"], outcome["version"]))
         verdict = "PROMOTED to champion" if outcome["promoted"] else "kept as challenger (champion unchanged)"
         log.info("%s version %s %s: %s", outcome["name"], outcome["version"], verdict, outcome["reason"])
         return outcome
@@ -264,7 +334,6 @@ def continuous_training() -> None:
         """Point the Ray Serve application at the new champion; roll back if it does not serve."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from ct_airflow.settings import pipeline_settings
         from serve.deploy import DeployError, ServeDeployer
 
         if not outcome["promoted"]:
@@ -272,7 +341,7 @@ def continuous_training() -> None:
                 f"v{outcome['version']} was not promoted; champion is still v{outcome['champion_version']}: "
                 "the serving application is left untouched"
             )
-        settings = pipeline_settings(**_dataset_override(get_current_context()["params"]))
+        settings = _settings(get_current_context())
         try:
             result = ServeDeployer(settings).deploy(outcome["version"], model_name=outcome["name"])
         except DeployError as err:
@@ -284,13 +353,12 @@ def continuous_training() -> None:
         """Served predictions must equal the evaluated model's offline ones; else roll back."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from ct_airflow.settings import pipeline_settings
         from ml.registry import mark_serving
         from ml.storage import ObjectStore
         from serve.deploy import DeployError, ServeDeployer
 
         context = get_current_context()
-        settings = pipeline_settings(**_dataset_override(context["params"]))
+        settings = _settings(context)
         expected = ObjectStore(settings).get_json(summary["evaluation_key"]).get("smoke")
         deployer = ServeDeployer(settings)
         version = deployed["version"]
@@ -302,6 +370,7 @@ def continuous_training() -> None:
             except DeployError as rolled_back:
                 raise AirflowFailException(str(rolled_back)) from err
         mark_serving(settings, version, tags={"deployed_by": context["dag_run"].run_id})
+        publish_links(context, serve=f"{settings.serve_url}/v1/model")
         log.info(
             "%s v%s is serving at %s/v1/predict (MLflow alias 'serving')",
             deployed["name"],
@@ -310,7 +379,7 @@ def continuous_training() -> None:
         )
         return {**report, "name": deployed["name"], "serve_url": settings.serve_url}
 
-    validated = validate(extract())
+    validated = with_links(validate(extract()), DataDocsLink())
     plan = plan_training(validated)
     train = RayJobOperator(
         task_id="train",
@@ -321,7 +390,7 @@ def continuous_training() -> None:
         poll_interval=5,
         execution_timeout=timedelta(hours=7),
     )
-    summary = training_summary(plan)
+    summary = with_links(training_summary(plan), MlflowRunLink())
     train >> summary
     evaluate = RayJobOperator(
         task_id="evaluate",
@@ -331,15 +400,22 @@ def continuous_training() -> None:
         job_timeout=timedelta(hours=1),
         poll_interval=5,
     )
-    outcome = register(plan, summary, validated)
+    outcome = with_links(register(plan, summary, validated), MlflowRunLink(), MlflowModelLink())
     evaluate >> outcome
-    smoke_test(deploy(outcome), summary)
+    with_links(smoke_test(deploy(outcome), summary), ServedModelLink())
 
 
 def trigger_reason(dag_run: Any) -> str:
     """Why this run exists: the conf's ``reason`` (e.g. drift), else the run type."""
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
     return str((dag_run.conf or {}).get("reason") or run_type)
+
+
+def trigger_tags(dag_run: Any) -> dict[str, str]:
+    """What a drift-triggered run was told about the drift, for MLflow run and version tags."""
+    conf = dag_run.conf or {}
+    fields = {"drift_score": "drift_score", "drift_report": "report", "drift_check_run_id": "drift_run_id"}
+    return {tag: str(conf[key]) for tag, key in fields.items() if conf.get(key) is not None}
 
 
 def training_run_name(snapshot_id: str, run_id: str) -> str:

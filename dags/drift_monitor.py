@@ -8,14 +8,18 @@ them**: a sample of the training split of that version's snapshot.
 
 | task | what it does | where to look |
 |---|---|---|
-| `check` | Evidently 0.7: text drift (a domain classifier's ROC AUC), readable descriptors (length, word count, non-letter share) and drift of the predicted label distribution. Too few served texts → verdict *insufficient data* (not "no drift"). | task log; the HTML report `reports/drift/<model>/<window end>/report.html`; MLflow experiment `drift` |
-| `decide` | Drift → a training run, unless `dry_run`, a `continuous_training` run is already queued or running, or the last drift-triggered run is younger than `cooldown_hours`. Every skip says why. | task log |
-| `trigger_training` | Triggers `continuous_training` with conf `{"reason": "drift", "drift_score": …, "report": …}`; the training run and the model version record the reason. | the triggered run (extra link) |
-| `record_trigger` | Starts the cooldown (`reports/drift/_last_trigger.json`). | S3 |
+| `check` | Evidently 0.7: text drift (a domain classifier's ROC AUC), readable descriptors (length, word count, non-letter share) and drift of the predicted label distribution. Too few served texts → verdict *insufficient data* (not "no drift"). | links **Evidently report** (S3/MinIO) and **MLflow run** (experiment `drift`, the report as artifact `report.html`, metric trends) |
+| `decide` | Drift → a training run, unless `dry_run`, a `continuous_training` run is already queued or running, or the last drift-triggered run for this model is younger than `cooldown_hours`. Every skip says why in the log. | task log |
+| `trigger_training` | Triggers `continuous_training` for the served model's dataset with conf `{"reason": "drift", "drift_score": …, "report": …}` plus `training_params`; the training run and the model version record them as tags. | link **Triggered DAG** |
+| `record_trigger` | Starts the cooldown (`reports/drift/<model>/_last_trigger.json`). | S3 |
 
-Retraining uses the labelled batches that arrived in `raw/<dataset>/` since the last snapshot
-(how labelled production data gets there: see the README); with nothing new, the triggered run
-skips at `extract` and says so.
+**Operating it**
+- Manual check of another window: trigger with `window_hours` (the window ends at the run's time).
+- See what it would do without training: `dry_run`.
+- Retraining uses the labelled batches that arrived in `raw/<dataset>/` (plus earlier data within the
+  training run's data window); getting labelled production data there is described in the README.
+  With nothing new and nothing in the window, the triggered run skips at `extract` and says so.
+- Thresholds: the defaults are explained in `ml/drift.py` (`DriftThresholds`).
 """
 
 from __future__ import annotations
@@ -28,16 +32,37 @@ from typing import Any
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
+from ct_airflow.failures import explain_failure
+from ct_airflow.links import DriftReportLink, MlflowRunLink, publish_links, with_links
+
 DAG_ID = "drift_monitor"
 TRAINING_DAG_ID = "continuous_training"
-LAST_TRIGGER_KEY = "reports/drift/_last_trigger.json"
+# continuous_training params a drift-triggered run may set through `training_params`
+TRAINING_PARAMS = frozenset(
+    {
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "num_workers",
+        "use_gpu",
+        "zero_stage",
+        "max_length",
+        "max_rows",
+        "data_window_days",
+        "gate_min_macro_f1",
+    }
+)
 log = logging.getLogger(__name__)
+
+
+def last_trigger_key(model_name: str) -> str:
+    return f"reports/drift/{model_name}/_last_trigger.json"
 
 
 @dag(
     dag_id=DAG_ID,
+    # No start_date: the first run is the next full hour after the DAG is unpaused, not at once.
     schedule=CronTriggerTimetable(os.environ.get("CT_DRIFT_SCHEDULE", "0 * * * *"), timezone="UTC"),
-    start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -75,12 +100,20 @@ log = logging.getLogger(__name__)
         "dry_run": Param(
             False, type="boolean", title="Dry run", description="Check and report, never trigger."
         ),
+        "training_params": Param(
+            {},
+            type="object",
+            title="Params of the triggered training run",
+            description='continuous_training params for drift-triggered runs, e.g. {"epochs": 3}; '
+            f"allowed: {', '.join(sorted(TRAINING_PARAMS))}. Empty = that DAG's defaults.",
+        ),
     },
     default_args={
         "owner": "ml-platform",
         "retries": 2,
         "retry_delay": timedelta(minutes=1),
         "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": explain_failure,
     },
 )
 def drift_monitor() -> None:
@@ -101,20 +134,28 @@ def drift_monitor() -> None:
             min_rows=params["min_rows"],
         )
         summary = check_window(pipeline_settings(), start, end, thresholds)
-        if summary.get("report_url"):
-            log.info("Evidently report: %s", summary["report_url"])
+        publish_links(
+            context,
+            drift_report=summary.get("report_url"),
+            mlflow_run=summary.get("mlflow_report_url") or summary.get("mlflow_run_url"),
+        )
         return summary
 
     @task
     def decide(summary: dict[str, Any]) -> dict[str, Any]:
         """Drift, and no training queued/running, and the cooldown is over → the trigger's conf."""
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from ct_airflow.settings import pipeline_settings
         from ml.storage import ObjectStore
 
         context = get_current_context()
         params = context["params"]
+        unknown = set(params["training_params"]) - TRAINING_PARAMS
+        if unknown:
+            raise AirflowFailException(
+                f"training_params has unknown keys {sorted(unknown)}; allowed: {sorted(TRAINING_PARAMS)}"
+            )
         verdict = summary["verdict"]
         if verdict != "drift":
             raise AirflowSkipException(
@@ -130,21 +171,29 @@ def drift_monitor() -> None:
                 f"drift, but {busy} {TRAINING_DAG_ID} run(s) already queued or running"
             )
         store = ObjectStore(pipeline_settings())
-        if store.exists(LAST_TRIGGER_KEY):
-            last = datetime.fromisoformat(store.get_json(LAST_TRIGGER_KEY)["at"])
+        stamp_key = last_trigger_key(summary["model"]["name"])
+        if store.exists(stamp_key):
+            last = datetime.fromisoformat(store.get_json(stamp_key)["at"])
             until = last + timedelta(hours=float(params["cooldown_hours"]))
             now = context["dag_run"].run_after
             if now < until:
                 raise AirflowSkipException(
-                    f"drift, but the last drift-triggered run started at {last:%Y-%m-%d %H:%M} UTC: "
-                    f"cooldown until {until:%Y-%m-%d %H:%M} UTC"
+                    f"drift (score {summary['drift_score']:.2f}), but the last drift-triggered run for "
+                    f"{summary['model']['name']} started at {last:%Y-%m-%d %H:%M:%S} UTC: cooldown until "
+                    f"{until:%Y-%m-%d %H:%M:%S} UTC (cooldown_hours={params['cooldown_hours']})"
                 )
-        return {
+        conf = {
+            **params["training_params"],
             "reason": "drift",
             "drift_score": summary["drift_score"],
             "report": summary.get("report_key"),
             "drift_run_id": summary.get("mlflow_run_id"),
+            "model": summary["model"]["name"],
         }
+        if summary.get("dataset"):
+            conf["dataset"] = summary["dataset"]
+        log.info("drift (score %.2f): triggering %s with %s", summary["drift_score"], TRAINING_DAG_ID, conf)
+        return conf
 
     @task
     def record_trigger(trigger_conf: dict[str, Any]) -> None:
@@ -154,7 +203,7 @@ def drift_monitor() -> None:
 
         context = get_current_context()
         ObjectStore(pipeline_settings()).put_json(
-            LAST_TRIGGER_KEY,
+            last_trigger_key(trigger_conf["model"]),
             {
                 "at": context["dag_run"].run_after.isoformat(),
                 "by": context["dag_run"].run_id,
@@ -162,7 +211,7 @@ def drift_monitor() -> None:
             },
         )
 
-    trigger_conf = decide(check())
+    trigger_conf = decide(with_links(check(), DriftReportLink(), MlflowRunLink()))
     trigger_training = TriggerDagRunOperator(
         task_id="trigger_training",
         trigger_dag_id=TRAINING_DAG_ID,

@@ -85,25 +85,21 @@ def snapshot_id_for(settings: Settings, cutoff: datetime, objects: list[ObjectIn
     return f"{settings.dataset}-{cutoff:%Y%m%dT%H%M%S}-{digest.hexdigest()[:10]}"
 
 
-def extract_snapshot(
+def consumed_objects(manifests: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(key, etag) of every raw object a real run's snapshot took; dry runs consume nothing."""
+    return {(o["key"], o["etag"]) for m in manifests if not m.get("dry_run") for o in m.get("objects", [])}
+
+
+def pending_batches(
     settings: Settings,
-    *,
-    run_id: str,
     cutoff: datetime,
-    dag_id: str = "continuous_training",
     store: ObjectStore | None = None,
-) -> dict[str, Any] | None:
-    """Write (or find) this run's snapshot and return its manifest; None when nothing is new."""
+    manifests: list[dict[str, Any]] | None = None,
+) -> list[RawBatch]:
+    """Batches due by ``cutoff`` with files no real run has consumed yet (only those files)."""
     store = store or ObjectStore(settings)
-    cutoff = cutoff.astimezone(UTC)
-    manifests = load_manifests(store, settings)
-
-    for manifest in manifests:
-        if manifest.get("run_id") == run_id and manifest.get("dag_id") == dag_id:
-            log.info("run %s already committed snapshot %s; reusing it", run_id, manifest["snapshot_id"])
-            return manifest
-
-    consumed = {(o["key"], o["etag"]) for m in manifests for o in m.get("objects", [])}
+    manifests = load_manifests(store, settings) if manifests is None else manifests
+    consumed = consumed_objects(manifests)
     batches = list_raw_batches(store, settings)
     due = [b for b in batches if batch_due(b, cutoff)]
     new = [
@@ -119,11 +115,38 @@ def extract_snapshot(
         cutoff.isoformat(),
         len(new),
     )
+    return new
+
+
+def extract_snapshot(
+    settings: Settings,
+    *,
+    run_id: str,
+    cutoff: datetime,
+    dag_id: str = "continuous_training",
+    store: ObjectStore | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any] | None:
+    """Write (or find) this run's snapshot and return its manifest; None when nothing is new.
+
+    A ``dry_run`` snapshot is marked as such: its batches stay unconsumed for the next real run,
+    and no data window includes it.
+    """
+    store = store or ObjectStore(settings)
+    cutoff = cutoff.astimezone(UTC)
+    manifests = load_manifests(store, settings)
+
+    for manifest in manifests:
+        if manifest.get("run_id") == run_id and manifest.get("dag_id") == dag_id:
+            log.info("run %s already committed snapshot %s; reusing it", run_id, manifest["snapshot_id"])
+            return manifest
+
+    new = pending_batches(settings, cutoff, store, manifests)
     if not new:
         return None
 
     objects = [o for b in new for o in b.objects]
-    snapshot_id = snapshot_id_for(settings, cutoff, objects)
+    snapshot_id = snapshot_id_for(settings, cutoff, objects) + ("-dryrun" if dry_run else "")
     base = f"{SNAPSHOTS}/{snapshot_id}"
     entries: list[dict[str, Any]] = []
     batch_entries: list[dict[str, Any]] = []
@@ -161,6 +184,7 @@ def extract_snapshot(
         "dag_id": dag_id,
         "run_id": run_id,
         "cutoff": cutoff.isoformat(),
+        "dry_run": dry_run,
         "created_at": datetime.now(UTC).isoformat(),
         "schema": {"text_column": settings.text_column, "label_column": settings.label_column},
         "objects": entries,

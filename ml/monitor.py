@@ -10,8 +10,9 @@ Results go where people look:
 
 * ``reports/drift/<model>/<window end>/report.html`` (Evidently) and ``summary.json`` in S3;
 * a run in the MLflow experiment ``drift`` (metrics ``drift_score``, ``text_roc_auc``,
-  ``label_js_distance``, row counts; tags ``verdict``, ``model_version``, ``report``), so the
-  trend is one chart.
+  ``label_js_distance``, row counts; tags ``verdict``, ``model_version``, ``report``; the HTML
+  report as the artifact ``report.html``, which the MLflow UI renders), so the trend is one chart
+  and every report stays one click away.
 """
 
 from __future__ import annotations
@@ -98,11 +99,13 @@ def check_window(
     current = window[(window["model_name"] == name) & (window["model_version"] == version)]
     reference, reference_key = reference_for(settings, store, name, version)
     result = compare(reference, current[["text", "label"]], thresholds)
+    dataset = _dataset_of(store, reference_key)
     prefix = f"{DRIFT_REPORTS}/{name}/{end:%Y%m%dT%H%M%S}"
     summary = {
         **base,
         **result.summary(),
         "model": {"name": name, "version": version},
+        "dataset": dataset,
         "reference_key": reference_key,
         "summary_key": f"{prefix}/summary.json",
         "report_key": f"{prefix}/report.html" if result.html else None,
@@ -110,7 +113,11 @@ def check_window(
     if result.html:
         store.put_bytes(summary["report_key"], result.html.encode(), content_type="text/html; charset=utf-8")
         summary["report_url"] = store.url(summary["report_key"])
-    summary["mlflow_run_id"] = _record(settings, summary)
+    summary["mlflow_run_id"], experiment_id = _record(settings, summary, result.html)
+    run_path = f"experiments/{experiment_id}/runs/{summary['mlflow_run_id']}"
+    summary["mlflow_run_url"] = settings.mlflow_link(run_path)
+    if result.html:
+        summary["mlflow_report_url"] = settings.mlflow_link(f"{run_path}/artifacts/report.html")
     store.put_json(summary["summary_key"], summary)
     log.info(
         "drift check of %s v%s, %s .. %s: %s (score %s, %d served rows)",
@@ -125,8 +132,16 @@ def check_window(
     return summary
 
 
-def _record(settings: Settings, summary: dict[str, Any]) -> str:
-    """One run in the ``drift`` experiment: the numbers as metrics, the verdict as a tag."""
+def _dataset_of(store: ObjectStore, reference_key: str) -> str | None:
+    """The dataset the reference snapshot belongs to (what a retraining must train on)."""
+    snapshot_dir = reference_key.split("/splits/")[0]
+    manifest_key = f"{snapshot_dir}/manifest.json"
+    return store.get_json(manifest_key).get("dataset") if store.exists(manifest_key) else None
+
+
+def _record(settings: Settings, summary: dict[str, Any], html: str | None) -> tuple[str, str]:
+    """One run in the ``drift`` experiment: the numbers as metrics, the verdict as a tag, the
+    report as an artifact. Returns (run id, experiment id)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -162,5 +177,7 @@ def _record(settings: Settings, summary: dict[str, Any]) -> str:
     client.log_dict(
         run.info.run_id, {k: v for k, v in summary.items() if k != "mlflow_run_id"}, "summary.json"
     )
+    if html:
+        client.log_text(run.info.run_id, html, "report.html")
     client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return run.info.run_id, experiment_id

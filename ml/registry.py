@@ -108,6 +108,21 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def run_url(settings: Settings, run_id: str) -> str:
+    """The MLflow UI page of a run (a browser link)."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=settings.mlflow_tracking_uri).get_run(run_id).info.experiment_id
+    return settings.mlflow_link(f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def model_version_url(settings: Settings, name: str, version: str | int) -> str:
+    """The MLflow UI page of a registered model version (a browser link)."""
+    from urllib.parse import quote
+
+    return settings.mlflow_link(f"models/{quote(name)}/versions/{version}")
+
+
 def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
     """The version the ``champion`` alias points to; None if the model or the alias does not exist."""
     from mlflow.exceptions import MlflowException
@@ -176,13 +191,19 @@ def logged_model_id(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -
 
 
 def register_challenger(
-    settings: Settings, run_id: str, evaluation: dict[str, Any], tags: dict[str, Any] | None = None
+    settings: Settings,
+    run_id: str,
+    evaluation: dict[str, Any],
+    tags: dict[str, Any] | None = None,
+    force_promote: bool = False,
 ) -> dict[str, Any]:
     """Register the run's model as the ``challenger``; move ``champion`` to it if the gate said so.
 
     ``evaluation`` is what :func:`ml.evaluate.evaluate_challenger` returned for this run; ``tags``
-    are extra version tags (validation summary, trigger reason, ...). Idempotent: a retry finds
-    the version already created for ``run_id`` and reuses it.
+    are extra version tags (validation summary, trigger reason, ...). ``force_promote`` makes it
+    champion whatever the gate said (an operator's override, recorded on the version as
+    ``forced_promotion``). Idempotent: a retry finds the version already created for ``run_id``
+    and reuses it.
     """
     from mlflow import MlflowClient
 
@@ -206,6 +227,17 @@ def register_challenger(
             f"v{evaluated_against}; re-run the evaluation. Gate said: {reason}"
         )
 
+    forced = force_promote and not promote
+    if forced:
+        log.warning(
+            "FORCED PROMOTION of %s v%s by the force_promote param; the gate said: %s",
+            name,
+            version.version,
+            reason,
+        )
+        promote = True
+        reason = f"FORCED by an operator (force_promote); the gate said: {reason}"
+
     version_tags = {
         **{k: v for k, v in (tags or {}).items() if v is not None},
         "snapshot_id": evaluation.get("snapshot_id"),
@@ -214,6 +246,7 @@ def register_challenger(
         "challenger_macro_f1": gate.get("challenger_macro_f1"),
         "champion_macro_f1": gate.get("champion_macro_f1"),
         "champion_version_at_evaluation": evaluated_against,
+        **({"forced_promotion": "true"} if forced else {}),
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version.version, key, "" if value is None else str(value))
@@ -237,6 +270,7 @@ def register_challenger(
         "name": name,
         "version": str(version.version),
         "promoted": promote,
+        "forced": forced,
         "champion_version": None if current_number is None else str(current_number),
         "reason": reason,
     }

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server.")
     ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Jobs API.")
     serve_url: str = Field("http://127.0.0.1:8000", description="Ray Serve HTTP proxy.")
+    mlflow_ui_url: str = Field(
+        "", description="MLflow as a browser reaches it (links in Airflow); empty = the tracking URI."
+    )
+    s3_browser_url: str = Field(
+        "",
+        description="S3/MinIO as a browser reaches it, for report links (reports/ must be readable, "
+        "e.g. `mc anonymous set download`); empty = the S3 endpoint.",
+    )
 
     # --- model, tracking, promotion ---------------------------------------------------
     base_model: str = Field(
@@ -116,6 +124,10 @@ class Settings(BaseSettings):
     def s3_url(self) -> str:
         """The S3 endpoint as a URL (what boto3 / MLflow expect)."""
         return f"{'https' if self.s3_secure else 'http'}://{self.s3_endpoint}"
+
+    def mlflow_link(self, fragment: str) -> str:
+        """A browser link into the MLflow UI, e.g. ``experiments/1/runs/<id>``."""
+        return f"{(self.mlflow_ui_url or self.mlflow_tracking_uri).rstrip('/')}/#/{fragment.lstrip('/')}"
 
 
 SECRET_FIELDS = frozenset({"s3_access_key", "s3_secret_key"})

@@ -159,7 +159,7 @@ class ObjectStore:
 
     def url(self, key: str) -> str:
         """A plain object URL (opens in a browser when the bucket or object is readable)."""
-        return f"{self.settings.s3_url}/{self.bucket}/{key}"
+        return f"{(self.settings.s3_browser_url or self.settings.s3_url).rstrip('/')}/{self.bucket}/{key}"
 
 
 def _guess_type(name: str) -> str:

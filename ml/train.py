@@ -73,9 +73,15 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = Field(2, ge=1)
     seed: int = 42
     max_rows: int | None = Field(None, ge=10, description="Cap on rows used (tests, dry runs).")
+    data_window_days: float | None = Field(
+        30, ge=0, description="Also train on earlier snapshots this many days back (None = all, 0 = none)."
+    )
     max_failures: int = Field(2, ge=0)
     fail_after_epoch: int | None = Field(None, ge=1, description="Test hook: one worker dies once.")
     trigger_reason: str = "schedule"
+    trigger_tags: dict[str, str] = Field(
+        default_factory=dict, description="Why the run was triggered (e.g. drift_score, drift_report)."
+    )
     dag_run_id: str = ""
     mlflow_run_id: str | None = None
 
@@ -492,6 +498,7 @@ def run_training(settings: Settings, config: TrainConfig, result_key: str) -> di
         test_fraction=config.test_fraction,
         seed=config.seed,
         max_rows=config.max_rows,
+        data_window_days=config.data_window_days,
         store=store,
     )
     base_model = check_config(config, splits.labels, ray.cluster_resources())
@@ -513,6 +520,8 @@ def run_training(settings: Settings, config: TrainConfig, result_key: str) -> di
                 "snapshot_id": config.snapshot_id,
                 "dag_run_id": config.dag_run_id,
                 "trigger_reason": config.trigger_reason,
+                **config.trigger_tags,
+                "training_snapshots": ",".join(splits.sources)[:5000],
                 "git_commit": _git_commit(),
                 "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", ""),
             }
@@ -657,7 +666,7 @@ def _log_params_once(run_id: str, config: TrainConfig, rows: int, steps: int, pr
 
     logged = mlflow.get_run(run_id).data.params
     params = {
-        **{k: v for k, v in config.model_dump().items() if k not in {"mlflow_run_id"}},
+        **{k: v for k, v in config.model_dump().items() if k not in {"mlflow_run_id", "trigger_tags"}},
         "train_rows": rows,
         "steps_per_epoch": steps,
         "precision": precision,

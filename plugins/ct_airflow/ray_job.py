@@ -30,6 +30,7 @@ from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
 from airflow.sdk.exceptions import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from ct_airflow.links import RayJobLink
 from ct_airflow.settings import RAY_CONN_ID, _connection, _url
 
 if TYPE_CHECKING:
@@ -354,6 +355,7 @@ class RayJobOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("entrypoint", "submission_key", "runtime_env", "metadata")
+    operator_extra_links = (RayJobLink(),)
     template_fields_renderers: ClassVar[dict[str, str]] = {"runtime_env": "json", "metadata": "json"}
 
     def __init__(

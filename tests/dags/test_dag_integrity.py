@@ -114,12 +114,75 @@ def test_every_dag_is_documented_tagged_and_retried(dagbag):
             assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}: no timeout"
 
 
+def test_every_task_explains_its_failures(dagbag):
+    from ct_airflow.failures import STAGE_HINTS, explain_failure
+
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            assert explain_failure in (task.on_failure_callback or []), f"{dag_id}.{task.task_id}"
+            assert task.task_id in STAGE_HINTS, f"{dag_id}.{task.task_id}: no stage hint"
+
+
 def test_continuous_training_shape(dagbag):
+    from airflow.sdk import AssetOrTimeSchedule
+
     dag = dagbag.dags["continuous_training"]
     assert dag.max_active_runs == 1
-    assert dag.schedule == "@daily"
+    # daily *or* when raw_data_watch announces new data
+    assert isinstance(dag.schedule, AssetOrTimeSchedule)
+    assert dag.schedule.timetable.expression == "0 0 * * *"
+    assert [a.name for a in dag.schedule.asset_condition.objects] == ["ct_raw_data"]
     assert dag.get_task("validate").upstream_task_ids == {"extract"}
     # serving changes only after a registered, gated model: register -> deploy -> smoke_test
     assert dag.get_task("deploy").upstream_task_ids == {"register"}
     assert dag.get_task("smoke_test").upstream_task_ids == {"deploy", "training_summary"}
     assert not dag.get_task("smoke_test").downstream_task_ids
+
+
+def test_raw_data_watch_produces_the_asset_continuous_training_consumes(dagbag):
+    watch = dagbag.dags["raw_data_watch"]
+    assert [o.name for o in watch.get_task("detect").outlets] == ["ct_raw_data"]
+    assert watch.max_active_runs == 1
+
+
+def test_trigger_form_has_the_documented_params(dagbag):
+    params = dagbag.dags["continuous_training"].params
+    schema = {name: params.get_param(name).schema for name in params}
+    for name in (
+        "epochs",
+        "learning_rate",
+        "num_workers",
+        "zero_stage",
+        "data_window_days",
+        "max_length",
+        "force_promote",
+        "dry_run",
+    ):
+        assert schema[name].get("title"), f"{name}: no title in the trigger form"
+    assert "WARNING" in params.get_param("force_promote").description
+    assert params["force_promote"] is False and params["dry_run"] is False
+    monitor = dagbag.dags["drift_monitor"].params
+    for name in ("window_hours", "min_rows", "cooldown_hours", "dry_run", "training_params"):
+        assert monitor.get_param(name).schema.get("title"), name
+
+
+def test_tasks_link_to_what_they_produced(dagbag):
+    def links(dag_id, task_id):
+        return {link.name for link in dagbag.dags[dag_id].get_task(task_id).operator_extra_links}
+
+    assert "Data Docs (Great Expectations)" in links("continuous_training", "validate")
+    assert "MLflow run" in links("continuous_training", "training_summary")
+    assert {"MLflow run", "MLflow model version"} <= links("continuous_training", "register")
+    assert "Ray job" in links("continuous_training", "train")
+    assert {"Evidently report", "MLflow run"} <= links("drift_monitor", "check")
+
+
+def test_drift_monitor_shape(dagbag):
+    dag = dagbag.dags["drift_monitor"]
+    assert dag.max_active_runs == 1
+    assert dag.timetable.expression == "0 * * * *"
+    # the first scheduled run is the next full hour, not an immediate one when unpaused
+    assert dag.start_date is None
+    assert dag.get_task("decide").upstream_task_ids == {"check"}
+    assert dag.get_task("trigger_training").trigger_dag_id == "continuous_training"
+    assert dag.get_task("record_trigger").upstream_task_ids == {"decide", "trigger_training"}

@@ -68,6 +68,7 @@ def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
         "name": settings.registered_model,
         "version": "1",
         "promoted": True,
+        "forced": False,
         "champion_version": "1",
         "reason": evaluation_1["gate"]["reason"],
     }
@@ -115,3 +116,17 @@ def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
     assert list(predicted.columns) == ["label", "score"]
     assert predicted["label"].tolist() == truth[:5]
     assert model.predict(texts[:3])["label"].tolist() == truth[:3]
+
+    # an operator's override: force_promote makes a rejected model champion, and says so
+    run_3 = log_training_run(bad, snapshot_id)
+    evaluation_3 = evaluate_challenger(settings, snapshot_id, run_3)
+    assert evaluation_3["gate"]["promote"] is False
+    forced = register_challenger(settings, run_3, evaluation_3, tags, force_promote=True)
+    assert (forced["version"], forced["promoted"], forced["forced"]) == ("3", True, True)
+    assert forced["reason"].startswith("FORCED")
+    version_3 = client.get_model_version_by_alias(settings.registered_model, CHAMPION)
+    assert version_3.version == "3"
+    assert version_3.tags["forced_promotion"] == "true"
+    assert version_3.tags["gate_decision"] == "promote"
+    assert "FORCED" in version_3.description
+    assert "forced_promotion" not in champion.tags
