@@ -61,7 +61,8 @@ def last_trigger_key(model_name: str) -> str:
 
 @dag(
     dag_id=DAG_ID,
-    # No start_date: the first run is the next full hour after the DAG is unpaused, not at once.
+    # No start_date: the first scheduled run is the next full hour after the DAG first appears,
+    # not a catch-up run of the past hour the moment it is unpaused.
     schedule=CronTriggerTimetable(os.environ.get("CT_DRIFT_SCHEDULE", "0 * * * *"), timezone="UTC"),
     catchup=False,
     max_active_runs=1,

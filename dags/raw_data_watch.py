@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dag(
     dag_id=DAG_ID,
-    # No start_date: the first run is the next scheduled time after the DAG is unpaused.
+    # No start_date: the first scheduled run is the next poll time after the DAG first appears.
     schedule=CronTriggerTimetable(os.environ.get("CT_RAW_WATCH_SCHEDULE", "*/15 * * * *"), timezone="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -112,7 +112,7 @@ def check_window(
     }
     if result.html:
         store.put_bytes(summary["report_key"], result.html.encode(), content_type="text/html; charset=utf-8")
-        summary["report_url"] = store.url(summary["report_key"])
+        summary["report_url"] = settings.report_link(summary["report_key"])
     summary["mlflow_run_id"], experiment_id = _record(settings, summary, result.html)
     run_path = f"experiments/{experiment_id}/runs/{summary['mlflow_run_id']}"
     summary["mlflow_run_url"] = settings.mlflow_link(run_path)

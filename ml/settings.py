@@ -41,10 +41,10 @@ class Settings(BaseSettings):
     mlflow_ui_url: str = Field(
         "", description="MLflow as a browser reaches it (links in Airflow); empty = the tracking URI."
     )
-    s3_browser_url: str = Field(
-        "",
-        description="S3/MinIO as a browser reaches it, for report links (reports/ must be readable, "
-        "e.g. `mc anonymous set download`); empty = the S3 endpoint.",
+    report_viewer_url: str = Field(
+        "http://127.0.0.1:8080/ct/reports",
+        description="Where a browser opens reports (Data Docs, Evidently): the Airflow plugin "
+        "`ct_reports` serves them from S3 to logged-in Airflow users. Empty = plain S3 object URLs.",
     )
 
     # --- model, tracking, promotion ---------------------------------------------------
@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     def s3_url(self) -> str:
         """The S3 endpoint as a URL (what boto3 / MLflow expect)."""
         return f"{'https' if self.s3_secure else 'http'}://{self.s3_endpoint}"
+
+    def report_link(self, key: str) -> str:
+        """A browser link to a report object in the data bucket (see ``report_viewer_url``)."""
+        if self.report_viewer_url:
+            return f"{self.report_viewer_url.rstrip('/')}/{key}"
+        return f"{self.s3_url}/{self.data_bucket}/{key}"
 
     def mlflow_link(self, fragment: str) -> str:
         """A browser link into the MLflow UI, e.g. ``experiments/1/runs/<id>``."""

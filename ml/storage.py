@@ -157,9 +157,10 @@ class ObjectStore:
             )
         self.remove(src_key)
 
-    def url(self, key: str) -> str:
-        """A plain object URL (opens in a browser when the bucket or object is readable)."""
-        return f"{(self.settings.s3_browser_url or self.settings.s3_url).rstrip('/')}/{self.bucket}/{key}"
+
+def guess_type(name: str) -> str:
+    """Content type from a file name's suffix (for uploads and for serving reports)."""
+    return _guess_type(name)
 
 
 def _guess_type(name: str) -> str:

@@ -291,7 +291,7 @@ def validate_snapshot(
         "rows_accepted": sum(v.rows for v in passed),
         "quarantined": quarantined,
         "validated_key": validated_key,
-        "data_docs": store.url(f"{docs_prefix}/index.html") if frames else None,
+        "data_docs": settings.report_link(f"{docs_prefix}/index.html") if frames else None,
     }
     store.put_json(f"{base}/validation.json", summary)
     total = len(verdicts)
@@ -360,7 +360,7 @@ def quarantine_batch(
         "objects": moved,
         "report": report_key,
         "report_html": html_key,
-        "data_docs_page": store.url(docs_page) if docs_page else None,
+        "data_docs_page": settings.report_link(docs_page) if docs_page else None,
     }
 
 

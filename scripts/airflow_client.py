@@ -55,6 +55,9 @@ class AirflowClient:
     def unpause(self, dag_id: str) -> None:
         self._call("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 
+    def pause(self, dag_id: str) -> None:
+        self._call("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
+
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         body: dict[str, Any] = {"logical_date": None, "conf": conf or {}}
         if run_id:
@@ -112,3 +115,27 @@ class AirflowClient:
             "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
         )
         return entry["value"]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int | None = None) -> str:
+        """The task instance's log as text (the latest try unless ``try_number``)."""
+        if try_number is None:
+            ti = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+            try_number = max(int(ti.get("try_number") or 1), 1)
+        body = self._call(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            params={"full_content": "true"},
+            headers={"Accept": "application/json"},
+        )
+        content = body.get("content") if isinstance(body, dict) else body
+        if isinstance(content, list):  # structured log lines
+            return "\n".join(
+                str(line.get("event", line)) if isinstance(line, dict) else str(line) for line in content
+            )
+        return str(content)
+
+    def links(self, dag_id: str, run_id: str, task_id: str) -> dict[str, str | None]:
+        """The task instance's extra links, {name: url}."""
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")[
+            "extra_links"
+        ]

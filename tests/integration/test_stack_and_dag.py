@@ -1,25 +1,33 @@
 """The whole local stack for real: MLflow stores artifacts in S3, Ray's Jobs API runs a job with
-token auth on, and Airflow runs continuous_training on seeded data, quarantine included."""
+token auth on, and Airflow runs the closed loop on seeded data: continuous_training trains and
+deploys v1, traffic goes to the service over HTTP, drift_monitor checks it (control: no drift;
+20 Newsgroups texts: drift), the drift triggers continuous_training, a second verdict inside the
+cooldown does not, and new raw data announced by raw_data_watch starts a run through the asset."""
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 
 from ml.seed import seed_raw
 from ml.settings import Settings
 from ml.storage import ObjectStore
-from tests.conftest import AGNEWS
+from serve.prediction_log import read_predictions
+from tests.conftest import AGNEWS, DATA_DIR
 from tests.integration.conftest import stack
 
 pytestmark = pytest.mark.integration
 
 DAG_ID = "continuous_training"
+MONITOR = "drift_monitor"
+WATCH = "raw_data_watch"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +41,13 @@ def airflow(full_stack):
     from airflow_client import AirflowClient
 
     client = AirflowClient("http://127.0.0.1:8080", *stack.airflow_login())
-    client.wait_for_dag(DAG_ID)
-    client.unpause(DAG_ID)
-    return client
+    for dag_id in (DAG_ID, MONITOR, WATCH):
+        client.wait_for_dag(dag_id)
+        client.unpause(dag_id)
+    yield client
+    # scheduled runs of the monitor and the watch would act on whatever the stack holds later
+    for dag_id in (MONITOR, WATCH):
+        client.pause(dag_id)
 
 
 def test_mlflow_keeps_artifacts_in_s3(full_stack, tmp_path):
@@ -73,46 +85,103 @@ def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack):
 
 
 SMALL_TRAINING = {"batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2}
+TRAFFIC = 400  # texts per window: above the monitor's min_rows (200)
 
 
-def test_continuous_training_through_airflow(airflow, full_stack):
-    """Run 1 trains, becomes champion and is deployed; run 2 (a worse, 0-epoch model) stays
-    challenger and serving is untouched; run 3 finds no new data and skips. All asserted through
-    Airflow, S3, MLflow and the service's HTTP API."""
+def _send(serve_url: str, texts: list[str], chunk: int = 16) -> None:
+    """POST the texts to the service as a client would, 16 per request; every answer must be 200."""
+    with requests.Session() as http:
+        for i in range(0, len(texts), chunk):
+            answer = http.post(f"{serve_url}/v1/predict", json={"texts": texts[i : i + chunk]}, timeout=60)
+            assert answer.status_code == 200, answer.text
+
+
+def _wait_logged(store: ObjectStore, since: datetime, model: str, count: int, timeout: float = 120) -> None:
+    """Wait until the service's prediction log in S3 holds ``count`` rows of ``model`` since ``since``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        window = read_predictions(store, since, datetime.now(UTC) + timedelta(minutes=1))
+        logged = int((window["model_name"] == model).sum())
+        if logged >= count:
+            return
+        assert time.monotonic() < deadline, f"only {logged}/{count} predictions logged after {timeout}s"
+        time.sleep(2)
+
+
+def _monitor(airflow, since: datetime, **params) -> tuple[str, dict[str, str | None]]:
+    """Run drift_monitor over the window from ``since`` to now; returns (run id, task states)."""
+    hours = ((datetime.now(UTC) - since).total_seconds() + 5) / 3600
+    run_id = airflow.trigger(MONITOR, conf={"window_hours": hours, **params})
+    assert airflow.wait_for_run(MONITOR, run_id, timeout=600)["state"] == "success"
+    return run_id, airflow.task_states(MONITOR, run_id)
+
+
+def _assert_report_opens(airflow, url: str | None) -> None:
+    """A report link opens for a logged-in Airflow user (the ct_reports plugin) and only for one."""
+    assert url and url.startswith("http://127.0.0.1:8080/ct/reports/"), url
+    page = airflow.session.get(url, timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:300]
+    assert "<html" in page.text[:2000].lower()
+    assert requests.get(url, timeout=60).status_code == 401, "reports must need an Airflow login"
+
+
+def _training_runs(airflow) -> list[dict]:
+    return airflow.runs(DAG_ID, limit=50)
+
+
+def _drift_runs(airflow, dataset: str) -> list[dict]:
+    """continuous_training runs that drift_monitor triggered for ``dataset``."""
+    return [
+        r
+        for r in _training_runs(airflow)
+        if (r.get("conf") or {}).get("reason") == "drift" and r["conf"].get("dataset") == dataset
+    ]
+
+
+def test_the_loop_through_airflow(airflow, full_stack):
+    """Run 1 trains and deploys v1. Same-distribution traffic: no drift, no trigger. 20 Newsgroups
+    traffic: drift, and continuous_training runs with the drift in its conf; it trains v2 on the
+    new labelled batch plus the earlier data and deploys it only if it passes the gate. While it
+    runs, and after it, further drift verdicts trigger nothing (busy, then cooldown). A last run
+    finds no new data and skips. Asserted through the Airflow API, S3, MLflow and the service."""
     from mlflow import MlflowClient
 
     settings = Settings(dataset=f"it-dag-{uuid.uuid4().hex[:8]}")
     store = ObjectStore(settings)
     mlflow = MlflowClient(settings.mlflow_tracking_uri)
+    name = settings.registered_model
     today = datetime.now(UTC).date()
-    seed_raw(settings, AGNEWS, batches=2, rows=200, end=today, bad_batch=True, store=store)
+    seed_raw(settings, AGNEWS, batches=2, rows=600, end=today, bad_batch=True, store=store)
 
-    conf = {"dataset": settings.dataset, "epochs": 1, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
+    conf = {"dataset": settings.dataset, "epochs": 2, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
     run_id = airflow.trigger(DAG_ID, conf=conf)
     run = airflow.wait_for_run(DAG_ID, run_id, timeout=1200)
     assert run["state"] == "success", airflow.task_states(DAG_ID, run_id)
 
-    # extract + validate: snapshot, manifest, quarantine
+    # extract + validate: snapshot, manifest, quarantine; the task links to its Data Docs
     snapshot = airflow.xcom(DAG_ID, run_id, "extract")
+    assert snapshot["dataset"] == settings.dataset
     manifest = store.get_json(f"snapshots/{snapshot['snapshot_id']}/manifest.json")
     assert manifest["run_id"] == run_id
     assert manifest["dataset"] == settings.dataset
+    assert manifest["dry_run"] is False
     assert len(manifest["batches"]) == 3
     assert all(o["sha256"] for o in manifest["objects"])
     validated = airflow.xcom(DAG_ID, run_id, "validate")
     bad = f"{today.isoformat()}_export-2"
     assert validated["quarantined"] == [bad]
-    assert validated["rows"] == 200
+    assert validated["rows"] == 600
     assert store.exists(f"quarantine/{settings.dataset}/{bad}/part-000.csv")
     assert store.exists(f"quarantine/{settings.dataset}/{bad}/_validation/{snapshot['snapshot_id']}.json")
     assert not store.exists(f"raw/{settings.dataset}/{bad}/part-000.csv")
+    docs = airflow.links(DAG_ID, run_id, "validate")["Data Docs (Great Expectations)"]
+    _assert_report_opens(airflow, docs)
 
     # train (Ray job, 2 workers, ZeRO-2) -> evaluate -> register: first model becomes champion
     summary = airflow.xcom(DAG_ID, run_id, "training_summary")
-    assert summary["epochs_completed"] == 1
+    assert summary["epochs_completed"] == 2
     first = airflow.xcom(DAG_ID, run_id, "register")
     assert first["promoted"] is True, first
-    name = settings.registered_model
     champion = mlflow.get_model_version_by_alias(name, "champion")
     assert champion.version == first["version"] == "1"
     assert champion.run_id == summary["mlflow_run_id"]
@@ -126,36 +195,152 @@ def test_continuous_training_through_airflow(airflow, full_stack):
     )
     artifacts = {a.path for a in mlflow.list_artifacts(summary["mlflow_run_id"], "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
+    run_link = airflow.links(DAG_ID, run_id, "training_summary")["MLflow run"]
+    assert run_link.endswith(f"/runs/{summary['mlflow_run_id']}"), run_link
+    assert airflow.links(DAG_ID, run_id, "register")["MLflow model version"].endswith("/versions/1")
+    assert "/#/jobs/" in (airflow.links(DAG_ID, run_id, "train")["Ray job"] or "")
 
     # deploy -> smoke test: the service answers with the new champion; MLflow marks it serving
     states = airflow.task_states(DAG_ID, run_id)
     assert states["deploy"] == states["smoke_test"] == "success", states
     smoke = airflow.xcom(DAG_ID, run_id, "smoke_test")
     assert smoke["version"] == "1" and smoke["compared_offline"] is True
-    served = requests.post(f"{settings.serve_url}/v1/predict", json={"text": "Stocks fell."}, timeout=30)
-    assert served.json()["model"] == {"name": name, "version": "1"}
+    served = requests.get(f"{settings.serve_url}/v1/model", timeout=30).json()
+    assert (served["name"], served["version"]) == (name, "1"), served
     assert mlflow.get_model_version_by_alias(name, "serving").version == "1"
 
-    # run 2: new data, a worse model (0 epochs = untrained head) -> challenger only
-    seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_more", seed=1)
-    second = airflow.trigger(DAG_ID, conf={**conf, "epochs": 0})
-    assert airflow.wait_for_run(DAG_ID, second, timeout=1200)["state"] == "success"
-    outcome = airflow.xcom(DAG_ID, second, "register")
-    assert outcome["promoted"] is False, outcome
-    assert outcome["version"] == "2"
-    assert mlflow.get_model_version_by_alias(name, "champion").version == "1"
-    challenger = mlflow.get_model_version_by_alias(name, "challenger")
-    assert challenger.version == "2"
-    assert challenger.tags["gate_decision"] != "promote"
-    # not promoted: serving untouched
-    states = airflow.task_states(DAG_ID, second)
-    assert states["deploy"] == states["smoke_test"] == "skipped", states
-    served = requests.post(f"{settings.serve_url}/v1/predict", json={"text": "Stocks fell."}, timeout=30)
-    assert served.json()["model"]["version"] == "1"
+    # control: held-out AG News texts (not in the training snapshot) -> no drift, no trigger
+    seen = set(pd.read_parquet(io.BytesIO(store.get_bytes(validated["validated_key"])))["text"])
+    agnews = pd.read_csv(AGNEWS)
+    control = agnews[~agnews["text"].isin(seen)].sample(TRAFFIC, random_state=11)["text"].tolist()
+    since = datetime.now(UTC)
+    _send(settings.serve_url, control)
+    _wait_logged(store, since, name, TRAFFIC)
+    runs_before = {r["dag_run_id"] for r in _training_runs(airflow)}
+    control_run, states = _monitor(airflow, since)
+    control_summary = airflow.xcom(MONITOR, control_run, "check")
+    assert control_summary["verdict"] == "no_drift", control_summary
+    assert control_summary["model"] == {"name": name, "version": "1"}
+    assert control_summary["served_rows"] == TRAFFIC
+    assert states["decide"] == states["trigger_training"] == states["record_trigger"] == "skipped", states
+    assert "verdict 'no_drift'" in airflow.task_log(MONITOR, control_run, "decide")
+    assert {r["dag_run_id"] for r in _training_runs(airflow)} == runs_before
 
-    # run 3: nothing new -> everything after extract is skipped, and the run still succeeds
+    # new labelled production data lands in raw/ (see the README: how labelled data gets there)
+    seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_labelled", seed=1)
+
+    # drift: 20 Newsgroups posts -> drift -> continuous_training with the drift in its conf
+    news = pd.read_csv(DATA_DIR / "20newsgroups_test.csv.gz")
+    news = news[news["text"].str.strip().str.len().between(20, 3000)]
+    drifted = news.sample(TRAFFIC, random_state=5)["text"].tolist()
+    since = datetime.now(UTC)
+    _send(settings.serve_url, drifted)
+    _wait_logged(store, since, name, TRAFFIC)
+    training = {"epochs": 2, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
+    drift_run, states = _monitor(airflow, since, training_params=training)
+    drift = airflow.xcom(MONITOR, drift_run, "check")
+    assert drift["verdict"] == "drift", drift
+    assert drift["text"]["drifted"] is True, drift["text"]
+    assert states["trigger_training"] == states["record_trigger"] == "success", states
+    assert store.exists(drift["report_key"]) and store.exists(drift["summary_key"])
+    links = airflow.links(MONITOR, drift_run, "check")
+    _assert_report_opens(airflow, links["Evidently report"])
+    assert links["MLflow run"].endswith("/artifacts/report.html"), links
+    drift_mlflow = mlflow.get_run(drift["mlflow_run_id"])
+    assert drift_mlflow.data.tags["verdict"] == "drift"
+    assert "report.html" in {a.path for a in mlflow.list_artifacts(drift["mlflow_run_id"])}
+
+    triggered = _drift_runs(airflow, settings.dataset)
+    assert len(triggered) == 1, triggered
+    second = triggered[0]["dag_run_id"]
+    conf_sent = triggered[0]["conf"]
+    assert conf_sent["dataset"] == settings.dataset
+    assert conf_sent["report"] == drift["report_key"]
+    assert conf_sent["drift_score"] == pytest.approx(drift["drift_score"])
+    assert conf_sent["epochs"] == 2
+
+    # a second drift verdict while that run is queued/running: no second trigger
+    busy_run, states = _monitor(airflow, since, training_params=training)
+    if states["decide"] == "skipped" and airflow.run(DAG_ID, second)["state"] != "success":
+        assert "already queued or running" in airflow.task_log(MONITOR, busy_run, "decide")
+    assert states["trigger_training"] == "skipped", states
+
+    assert airflow.wait_for_run(DAG_ID, second, timeout=1500)["state"] == "success", airflow.task_states(
+        DAG_ID, second
+    )
+    outcome = airflow.xcom(DAG_ID, second, "register")
+    assert outcome["version"] == "2"
+    version = mlflow.get_model_version(name, "2")
+    assert version.tags["trigger_reason"] == "drift"
+    assert float(version.tags["drift_score"]) == pytest.approx(drift["drift_score"])
+    assert version.tags["drift_report"] == drift["report_key"]
+    run_2 = mlflow.get_run(airflow.xcom(DAG_ID, second, "training_summary")["mlflow_run_id"])
+    assert run_2.data.tags["trigger_reason"] == "drift"
+    assert run_2.data.tags["drift_report"] == drift["report_key"]
+    # retraining used the new labelled batch *and* the earlier snapshot (data window)
+    sources = run_2.data.tags["training_snapshots"].split(",")
+    assert sources[1:] == [snapshot["snapshot_id"]], sources
+    second_snapshot = airflow.xcom(DAG_ID, second, "extract")
+    assert second_snapshot["batches"] == [f"{today.isoformat()}_labelled"]
+    # deployed only if it passed the gate; the service says which version answers
+    states = airflow.task_states(DAG_ID, second)
+    expected = "2" if outcome["promoted"] else "1"
+    assert states["deploy"] == states["smoke_test"] == ("success" if outcome["promoted"] else "skipped")
+    assert mlflow.get_model_version_by_alias(name, "champion").version == expected
+    assert mlflow.get_model_version_by_alias(name, "serving").version == expected
+    served = requests.get(f"{settings.serve_url}/v1/model", timeout=30).json()
+    assert (served["name"], served["version"]) == (name, expected), served
+
+    # cooldown: the same drifted window again, training finished -> skipped, cooldown named
+    cooldown_run, states = _monitor(airflow, since, training_params=training)
+    assert airflow.xcom(MONITOR, cooldown_run, "check")["verdict"] == "drift"
+    assert states["decide"] == states["trigger_training"] == "skipped", states
+    assert "cooldown until" in airflow.task_log(MONITOR, cooldown_run, "decide")
+    assert len(_drift_runs(airflow, settings.dataset)) == 1
+
+    # nothing new -> everything after extract is skipped, and the run still succeeds
     third = airflow.trigger(DAG_ID, conf={"dataset": settings.dataset})
     assert airflow.wait_for_run(DAG_ID, third, timeout=300)["state"] == "success"
     states = airflow.task_states(DAG_ID, third)
     assert states.pop("extract") == "skipped"
     assert set(states.values()) == {"skipped"}, states
+
+
+def test_new_raw_data_starts_training_through_the_asset(airflow, full_stack):
+    """raw_data_watch finds a new batch and emits an event on the ct_raw_data asset; that starts a
+    continuous_training run for the batch's dataset. The batch is bad: validate quarantines it and
+    the run fails naming the stage, the batch, the failed expectation and what to do."""
+    settings = Settings(dataset=f"it-asset-{uuid.uuid4().hex[:8]}")
+    store = ObjectStore(settings)
+    frame = pd.read_csv(AGNEWS).sample(60, random_state=2).drop(columns=["label"])
+    store.put_bytes(f"raw/{settings.dataset}/upload-1/part-000.csv", frame.to_csv(index=False).encode())
+    time.sleep(1.5)  # due once uploaded before the watch's cutoff (S3 stamps have 1 s resolution)
+
+    before = {r["dag_run_id"] for r in _training_runs(airflow)}
+    watch = airflow.trigger(WATCH, conf={"dataset": settings.dataset})
+    assert airflow.wait_for_run(WATCH, watch, timeout=300)["state"] == "success"
+    assert airflow.task_states(WATCH, watch) == {"detect": "success"}
+    assert airflow.xcom(WATCH, watch, "detect")["batches"] == ["upload-1"]
+
+    deadline = time.monotonic() + 180
+    while not (new := [r for r in _training_runs(airflow) if r["dag_run_id"] not in before]):
+        assert time.monotonic() < deadline, "no continuous_training run after the asset event"
+        time.sleep(3)
+    run = new[0]
+    assert run["run_type"] == "asset_triggered", run
+    final = airflow.wait_for_run(DAG_ID, run["dag_run_id"], timeout=600)
+    assert final["state"] == "failed"
+    assert airflow.xcom(DAG_ID, run["dag_run_id"], "extract")["dataset"] == settings.dataset
+    states = airflow.task_states(DAG_ID, run["dag_run_id"])
+    assert (states["extract"], states["validate"]) == ("success", "failed"), states
+    text = airflow.task_log(DAG_ID, run["dag_run_id"], "validate")
+    assert "validation quarantined 1/1 batches" in text and "label" in text, text[-2000:]
+    assert "stage 'validate' (data validation (Great Expectations)) failed" in text
+    assert "what to do:" in text
+    assert store.exists(f"quarantine/{settings.dataset}/upload-1/part-000.csv")
+    assert airflow.links(DAG_ID, run["dag_run_id"], "validate")["Data Docs (Great Expectations)"]
+
+    # announced once: with nothing new the watch skips and emits no event
+    again = airflow.trigger(WATCH, conf={"dataset": settings.dataset})
+    assert airflow.wait_for_run(WATCH, again, timeout=300)["state"] == "success"
+    assert airflow.task_states(WATCH, again) == {"detect": "skipped"}
