@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+UI_ARGS ?=
 # The venv's tools first: DeepSpeed JIT-builds a CPU op with `ninja` and rebuilds it whenever a
 # different ninja (e.g. the system's) touched the cache; Ray workers use the venv's.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -43,7 +44,11 @@ test-fast: setup ## Unit and DAG tests only (no services)
 bench-serve: setup ## Serving benchmark: batched vs unbatched vs bare model (starts Ray; BENCH_ARGS=...)
 	@$(PY) benchmarks/serve_bench.py $(BENCH_ARGS)
 
+ui-check: ## Browser check of the Airflow UI (headless Chromium)
+	@$(PY) scripts/ui_check.py $(UI_ARGS)
+
 clean: down ## Stop the stack and delete its state (.state/)
 	rm -rf .state
 
 .PHONY: help setup up down status seed demo lint test test-fast bench-serve clean
+.PHONY: ui-check

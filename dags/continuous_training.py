@@ -43,7 +43,7 @@ from typing import Any
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA, dataset_from_events
-from ct_airflow.failures import explain_failure
+from ct_airflow.failures import explain_failure, skip
 from ct_airflow.links import (
     DataDocsLink,
     MlflowModelLink,
@@ -159,7 +159,6 @@ def continuous_training() -> None:
     @task
     def extract() -> dict[str, Any]:
         """Snapshot the due, unconsumed raw batches; skip the run when there are none."""
-        from airflow.sdk.exceptions import AirflowSkipException
 
         from ml.extract import extract_snapshot
 
@@ -176,7 +175,7 @@ def continuous_training() -> None:
             dry_run=bool(context["params"].get("dry_run")),
         )
         if manifest is None:
-            raise AirflowSkipException(
+            skip(
                 f"no new data: every batch under raw/{settings.dataset}/ due by {cutoff:%Y-%m-%d %H:%M} "
                 "was consumed by an earlier run; nothing to train on"
             )
@@ -295,7 +294,6 @@ def continuous_training() -> None:
     @task
     def register(plan: dict[str, Any], summary: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
         """Register the model version; alias challenger always, champion only through the gate."""
-        from airflow.sdk.exceptions import AirflowSkipException
 
         from ml.registry import model_version_url, register_challenger
         from ml.storage import ObjectStore
@@ -307,7 +305,7 @@ def continuous_training() -> None:
         publish_links(context, mlflow_run=summary.get("mlflow_run_url"))
         if params.get("dry_run"):
             gate = evaluation["gate"]
-            raise AirflowSkipException(
+            skip(
                 f"dry run: nothing registered or deployed. The gate would have said "
                 f"{'PROMOTE' if gate['promote'] else 'REJECT'}: {gate['reason']}"
             )
@@ -332,12 +330,12 @@ def continuous_training() -> None:
     @task(retries=1)
     def deploy(outcome: dict[str, Any]) -> dict[str, Any]:
         """Point the Ray Serve application at the new champion; roll back if it does not serve."""
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from serve.deploy import DeployError, ServeDeployer
 
         if not outcome["promoted"]:
-            raise AirflowSkipException(
+            skip(
                 f"v{outcome['version']} was not promoted; champion is still v{outcome['champion_version']}: "
                 "the serving application is left untouched"
             )

@@ -32,7 +32,7 @@ from typing import Any
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
-from ct_airflow.failures import explain_failure
+from ct_airflow.failures import explain_failure, skip
 from ct_airflow.links import DriftReportLink, MlflowRunLink, publish_links, with_links
 
 DAG_ID = "drift_monitor"
@@ -145,7 +145,7 @@ def drift_monitor() -> None:
     @task
     def decide(summary: dict[str, Any]) -> dict[str, Any]:
         """Drift, and no training queued/running, and the cooldown is over → the trigger's conf."""
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from ct_airflow.settings import pipeline_settings
         from ml.storage import ObjectStore
@@ -159,18 +159,12 @@ def drift_monitor() -> None:
             )
         verdict = summary["verdict"]
         if verdict != "drift":
-            raise AirflowSkipException(
-                f"verdict {verdict!r} ({summary.get('served_rows', 0)} served texts): no training"
-            )
+            skip(f"verdict {verdict!r} ({summary.get('served_rows', 0)} served texts): no training")
         if params["dry_run"]:
-            raise AirflowSkipException(
-                f"drift (score {summary['drift_score']:.2f}) but dry_run is set: not triggering"
-            )
+            skip(f"drift (score {summary['drift_score']:.2f}) but dry_run is set: not triggering")
         busy = context["ti"].get_dr_count(TRAINING_DAG_ID, states=["queued", "running"])
         if busy:
-            raise AirflowSkipException(
-                f"drift, but {busy} {TRAINING_DAG_ID} run(s) already queued or running"
-            )
+            skip(f"drift, but {busy} {TRAINING_DAG_ID} run(s) already queued or running")
         store = ObjectStore(pipeline_settings())
         stamp_key = last_trigger_key(summary["model"]["name"])
         if store.exists(stamp_key):
@@ -178,7 +172,7 @@ def drift_monitor() -> None:
             until = last + timedelta(hours=float(params["cooldown_hours"]))
             now = context["dag_run"].run_after
             if now < until:
-                raise AirflowSkipException(
+                skip(
                     f"drift (score {summary['drift_score']:.2f}), but the last drift-triggered run for "
                     f"{summary['model']['name']} started at {last:%Y-%m-%d %H:%M:%S} UTC: cooldown until "
                     f"{until:%Y-%m-%d %H:%M:%S} UTC (cooldown_hours={params['cooldown_hours']})"

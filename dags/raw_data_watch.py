@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA
-from ct_airflow.failures import explain_failure
+from ct_airflow.failures import explain_failure, skip
 
 DAG_ID = "raw_data_watch"
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def raw_data_watch() -> None:
     @task(outlets=[RAW_DATA])
     def detect() -> dict:
         """Announce unconsumed due batches once, as an event on the ct_raw_data asset."""
-        from airflow.sdk.exceptions import AirflowSkipException
 
         from ct_airflow.settings import pipeline_settings
         from ml.extract import pending_batches
@@ -74,14 +73,14 @@ def raw_data_watch() -> None:
         store = ObjectStore(settings)
         pending = pending_batches(settings, datetime.now(UTC), store)
         if not pending:
-            raise AirflowSkipException(f"nothing new under raw/{settings.dataset}/: no event")
+            skip(f"nothing new under raw/{settings.dataset}/: no event")
         objects = sorted(f"{o.key}\0{o.etag}" for b in pending for o in b.objects)
         fingerprint = hashlib.sha256("\n".join(objects).encode()).hexdigest()[:16]
         stamp_key = f"{REPORTS}/raw_watch/{settings.dataset}.json"
         last = store.get_json(stamp_key) if store.exists(stamp_key) else {}
         batches = [b.batch_id for b in pending]
         if last.get("fingerprint") == fingerprint:
-            raise AirflowSkipException(
+            skip(
                 f"{len(batches)} batch(es) under raw/{settings.dataset}/ were already announced at "
                 f"{last.get('at')} and wait for a continuous_training run: {', '.join(batches)}"
             )

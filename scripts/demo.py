@@ -1,13 +1,17 @@
-"""The README's one-command demo: seed data, run ``continuous_training`` through Airflow, report,
-and finish with a prediction served by Ray Serve from the model MLflow marks ``champion``.
+"""The README's one-command demo: the whole loop on the local stack, watched through Airflow.
 
-On the 2-core CPU machines we test on, the full run (AG News 5.6k, 2 epochs, 2 Ray workers,
-DeepSpeed ZeRO-2, deploy, smoke test) takes roughly 12-15 minutes; progress shows in the log
-and the Airflow UI.
+Act 1: seed AG News (5,000 rows as four daily batches plus a bad one), run ``continuous_training``
+(extract, data gate, Ray Train + DeepSpeed, evaluate, register, deploy to Ray Serve, smoke test)
+and show a prediction served by the version MLflow marks ``champion``.
+Act 2 (``--no-drift`` skips it): labelled production data arrives (the 600 AG News rows held
+back, as a new batch in ``raw/``), 20 Newsgroups posts are sent to the service over HTTP,
+``drift_monitor`` finds drift and triggers ``continuous_training``, which retrains on the new
+batch plus the earlier data and deploys the result only if it beats the champion. Finally the
+monitor and the raw-data watch are unpaused, so the loop keeps running on its schedules.
 
-Expects the local stack to be up (``make demo`` runs ``make up`` first). Unpausing the DAG
-makes the scheduler start today's daily run, which consumes the seeded batches; if today's run
-already happened, a manual run is triggered instead (it skips cleanly when nothing is new).
+Expects the local stack to be up (``make demo`` runs ``make up`` first). Unpausing the training
+DAG makes the scheduler start today's daily run, which consumes the seeded batches; if today's
+run already happened, a manual run is triggered instead (it skips cleanly when nothing is new).
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pandas as pd
 import stack
 from airflow_client import AirflowClient
 
-from ml.seed import seed_raw
+from ml.seed import DEFAULT_SOURCE, seed_raw
 from ml.settings import Settings
 from ml.storage import QUARANTINE, RAW, ObjectStore
 
 DAG_ID = "continuous_training"
+MONITOR = "drift_monitor"
+WATCH = "raw_data_watch"
+SEED_ROWS = 5000  # the other 600 AG News rows arrive in act 2 as labelled production data
+DRIFT_TEXTS = 300
 log = logging.getLogger("demo")
 
 
@@ -38,7 +47,7 @@ def seed_if_empty(settings: Settings, store: ObjectStore) -> None:
     ):
         log.info("raw/%s/ or snapshots/ already hold data: not seeding again", settings.dataset)
         return
-    keys = seed_raw(settings, bad_batch=True, store=store)
+    keys = seed_raw(settings, rows=SEED_ROWS, bad_batch=True, store=store)
     log.info("seeded %d batches into s3://%s/%s/%s/", len(keys), store.bucket, RAW, settings.dataset)
 
 
@@ -131,9 +140,71 @@ def show_serving(settings: Settings) -> bool:
     return True
 
 
+def held_back_rows(settings: Settings) -> pd.DataFrame:
+    """The AG News rows act 1 did not seed (seed_raw's sample is deterministic)."""
+    full = pd.read_csv(DEFAULT_SOURCE)
+    seeded = full.groupby("label").sample(n=SEED_ROWS // full["label"].nunique(), random_state=0)
+    return full.drop(index=seeded.index)
+
+
+def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, timeout: float) -> bool:
+    """New labelled data + drifted traffic -> drift_monitor -> a drift-triggered training run."""
+    from datetime import UTC, datetime
+
+    from serve.client import predict
+    from serve.prediction_log import wait_for_logged
+
+    print("\n=== Act 2: the service's traffic drifts ===")
+    today = datetime.now(UTC).date().isoformat()
+    review = held_back_rows(settings)
+    key = f"{RAW}/{settings.dataset}/{today}_review/part-000.csv"
+    store.put_bytes(key, review.to_csv(index=False).encode(), "text/csv")
+    print(f"  labelled production data: {len(review)} rows -> s3://{store.bucket}/{key}")
+
+    news = pd.read_csv(DEFAULT_SOURCE.parent / "20newsgroups_test.csv.gz")
+    news = news[news["text"].str.strip().str.len().between(20, 3000)]
+    texts = news.sample(DRIFT_TEXTS, random_state=5)["text"].tolist()
+    since = datetime.now(UTC)
+    answers = predict(settings.serve_url, texts)
+    wait_for_logged(store, since, settings.registered_model, len(texts))
+    print(f"  sent {len(answers)} 20 Newsgroups posts to {settings.serve_url}/v1/predict (logged to S3)")
+
+    client.wait_for_dag(MONITOR)
+    client.unpause(MONITOR)
+    hours = ((datetime.now(UTC) - since).total_seconds() + 5) / 3600
+    monitor_run = client.trigger(MONITOR, conf={"window_hours": hours})
+    log.info("waiting for %s (http://127.0.0.1:8080/dags/%s)", monitor_run, MONITOR)
+    client.wait_for_run(MONITOR, monitor_run, timeout=900)
+    check = client.xcom(MONITOR, monitor_run, "check")
+    states = client.task_states(MONITOR, monitor_run)
+    print(
+        f"  drift_monitor: verdict {check['verdict']}, drift score {check.get('drift_score')}, "
+        f"text ROC AUC {(check.get('text') or {}).get('score')}, "
+        f"label JS distance {(check.get('label') or {}).get('distance')}"
+    )
+    links = client.links(MONITOR, monitor_run, "check")
+    print(f"  Evidently report: {links.get('Evidently report')}  (log in to Airflow first)")
+    print(f"  in MLflow:        {links.get('MLflow run')}")
+    if states.get("trigger_training") != "success":
+        print(f"  no training triggered: {states}")
+        return check["verdict"] == "drift"
+    triggered = [
+        r
+        for r in client.runs(DAG_ID, limit=20)
+        if (r.get("conf") or {}).get("drift_run_id") == check["mlflow_run_id"]
+    ]
+    ok = bool(triggered)
+    for run in triggered:
+        log.info("waiting for the drift-triggered run %s", run["dag_run_id"])
+        client.wait_for_run(DAG_ID, run["dag_run_id"], timeout=timeout)
+        ok = report(settings, store, client, run["dag_run_id"]) and ok
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for a run")
+    parser.add_argument("--no-drift", action="store_true", help="stop after act 1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -156,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         client.wait_for_run(DAG_ID, run_id, timeout=args.timeout)
         ok = report(settings, store, client, run_id) and ok
     ok = show_serving(settings) and ok
+    if not args.no_drift:
+        ok = drift_act(settings, store, client, args.timeout) and ok
+        ok = show_serving(settings) and ok
+        for dag_id in (MONITOR, WATCH):
+            client.wait_for_dag(dag_id)
+            client.unpause(dag_id)
+        print(f"\n{MONITOR} (hourly) and {WATCH} (every 15 min) are unpaused: the loop now runs by itself.")
     print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user} / {password})")
     print(f"MLflow UI:  {settings.mlflow_tracking_uri}   Ray dashboard: {settings.ray_address}")
     print(f"API docs:   {settings.serve_url}/docs")

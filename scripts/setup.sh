@@ -53,4 +53,18 @@ else
   log "done: $("$VENV/bin/python" --version), torch $installed"
 fi
 
+# Chromium for the browser check of the Airflow UI (make ui-check, tests/integration/test_airflow_ui.py),
+# which is skipped without it. CT_SKIP_CHROMIUM=1 leaves it out.
+if [[ "${CT_SKIP_CHROMIUM:-0}" != "1" ]] && ! command -v chromium >/dev/null; then
+  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    log "installing chromium for the Airflow UI check (CT_SKIP_CHROMIUM=1 skips this)"
+    if ! { apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; then
+      log "warning: could not install chromium; the Airflow UI check will be skipped"
+    fi
+  else
+    log "hint: the Airflow UI check (make ui-check) needs chromium: apt-get install chromium (as root)"
+  fi
+fi
+
 mkdir -p .state/logs .state/pids

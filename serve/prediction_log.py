@@ -562,3 +562,26 @@ def _read_file(store: ObjectStore, key: str) -> pa.Table:
     except pa.ArrowException as err:
         where = f"s3://{getattr(store, 'bucket', '?')}/{key}"
         raise ValueError(f"{where} is not a readable Parquet file") from err
+
+
+def wait_for_logged(
+    store: ObjectStore,
+    since: datetime,
+    model_name: str,
+    count: int,
+    timeout: float = 120,
+    prefix: str = PREDICTIONS,
+) -> int:
+    """Wait until ``count`` rows answered by ``model_name`` since ``since`` are in the log (the
+    replicas flush every few seconds); returns how many there are. TimeoutError names the shortfall."""
+    deadline = time.monotonic() + timeout
+    while True:
+        window = read_predictions(store, since, datetime.now(UTC) + timedelta(minutes=1), prefix)
+        logged = int((window["model_name"] == model_name).sum())
+        if logged >= count:
+            return logged
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {logged}/{count} predictions of {model_name} logged after {timeout:.0f} s"
+            )
+        time.sleep(2)

@@ -9,7 +9,7 @@ operator usually does about it. The error texts themselves already name the obje
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +93,11 @@ def explain_failure(context: Any) -> None:
     """``on_failure_callback``: log the stage, the error and the usual fix."""
     ti = context["ti"]
     log.error(failure_message(ti.task_id, context.get("exception")))
+
+
+def skip(reason: str) -> NoReturn:
+    """Skip the task with ``reason`` in its log (Airflow itself only logs "Skipping task.")."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    log.info("SKIPPED: %s", reason)
+    raise AirflowSkipException(reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,8 @@ import requests
 from ml.seed import seed_raw
 from ml.settings import Settings
 from ml.storage import ObjectStore
-from serve.prediction_log import read_predictions
+from serve.client import predict
+from serve.prediction_log import wait_for_logged
 from tests.conftest import AGNEWS, DATA_DIR
 from tests.integration.conftest import stack
 
@@ -86,26 +87,6 @@ def test_ray_jobs_api_runs_a_job_and_requires_the_token(full_stack):
 
 SMALL_TRAINING = {"batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2}
 TRAFFIC = 400  # texts per window: above the monitor's min_rows (200)
-
-
-def _send(serve_url: str, texts: list[str], chunk: int = 16) -> None:
-    """POST the texts to the service as a client would, 16 per request; every answer must be 200."""
-    with requests.Session() as http:
-        for i in range(0, len(texts), chunk):
-            answer = http.post(f"{serve_url}/v1/predict", json={"texts": texts[i : i + chunk]}, timeout=60)
-            assert answer.status_code == 200, answer.text
-
-
-def _wait_logged(store: ObjectStore, since: datetime, model: str, count: int, timeout: float = 120) -> None:
-    """Wait until the service's prediction log in S3 holds ``count`` rows of ``model`` since ``since``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        window = read_predictions(store, since, datetime.now(UTC) + timedelta(minutes=1))
-        logged = int((window["model_name"] == model).sum())
-        if logged >= count:
-            return
-        assert time.monotonic() < deadline, f"only {logged}/{count} predictions logged after {timeout}s"
-        time.sleep(2)
 
 
 def _monitor(airflow, since: datetime, **params) -> tuple[str, dict[str, str | None]]:
@@ -214,8 +195,8 @@ def test_the_loop_through_airflow(airflow, full_stack):
     agnews = pd.read_csv(AGNEWS)
     control = agnews[~agnews["text"].isin(seen)].sample(TRAFFIC, random_state=11)["text"].tolist()
     since = datetime.now(UTC)
-    _send(settings.serve_url, control)
-    _wait_logged(store, since, name, TRAFFIC)
+    assert len(predict(settings.serve_url, control)) == TRAFFIC
+    wait_for_logged(store, since, name, TRAFFIC)
     runs_before = {r["dag_run_id"] for r in _training_runs(airflow)}
     control_run, states = _monitor(airflow, since)
     control_summary = airflow.xcom(MONITOR, control_run, "check")
@@ -234,8 +215,8 @@ def test_the_loop_through_airflow(airflow, full_stack):
     news = news[news["text"].str.strip().str.len().between(20, 3000)]
     drifted = news.sample(TRAFFIC, random_state=5)["text"].tolist()
     since = datetime.now(UTC)
-    _send(settings.serve_url, drifted)
-    _wait_logged(store, since, name, TRAFFIC)
+    assert len(predict(settings.serve_url, drifted)) == TRAFFIC
+    wait_for_logged(store, since, name, TRAFFIC)
     training = {"epochs": 2, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
     drift_run, states = _monitor(airflow, since, training_params=training)
     drift = airflow.xcom(MONITOR, drift_run, "check")
