@@ -1,27 +1,33 @@
 """
 ### Continuous training of the text classifier
 
-Daily, this DAG turns newly arrived labelled text into a training snapshot that passed the data gate.
+Turns newly arrived labelled text into a gated, evaluated, registered and deployed model.
+**When it runs:** daily at 00:00 UTC (`CT_TRAINING_SCHEDULE`), **or** when `raw_data_watch` announces new
+data on the asset `ct_raw_data`, **or** when `drift_monitor` sees drift in what the service receives
+(conf `reason: drift`, recorded on the MLflow run and model version with `drift_score` and `drift_report`).
 
 | task | what it does | where to look |
 |---|---|---|
 | `extract` | Collects the batches under `raw/<dataset>/<batch id>/` that are due by the run's data interval end and were not consumed by an earlier run; writes `snapshots/<snapshot id>/` (Parquet per batch + `manifest.json` with keys, etags, sha256, row counts, columns). | task log: snapshot id |
-| `validate` | Runs the Great Expectations suite `text_classification_batch` on every batch. A failing batch is **moved** (never deleted) to `quarantine/<dataset>/<batch id>/` with its validation JSON and Data Docs page; the rest is written to `snapshots/<id>/validated.parquet`. | task log: every failed expectation, the Data Docs URL |
+| `validate` | Runs the Great Expectations suite `text_classification_batch` on every batch. A failing batch is **moved** (never deleted) to `quarantine/<dataset>/<batch id>/` with its validation JSON and Data Docs page; the rest is written to `snapshots/<id>/validated.parquet`. | link **Data Docs (Great Expectations)**; task log: every failed expectation |
 | `plan_training` | Builds the training config from the run's params and checks it (ZeRO stage, numbers) before anything is submitted. | task log: the config |
-| `train` | Submits `python -m ml.train` to the Ray cluster as a job with a deterministic id (a retry re-attaches instead of training twice), then waits in the triggerer, streaming the job log here. Ray Train runs DeepSpeed ZeRO on `num_workers` workers, checkpoints every epoch to S3 and resumes from the last checkpoint if a worker dies. | task log: the job log; Ray dashboard http://127.0.0.1:8265 |
-| `training_summary` | Reads the job's result: epochs, best validation macro-F1, the MLflow run. | task log: MLflow run URL |
-| `evaluate` | A Ray job scoring the new model (challenger) and the current `champion` on the **same** held-out test split of this snapshot; logs metrics and a confusion matrix to the run; decides promotion. | MLflow run → artifacts `evaluation/` |
-| `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | MLflow → Models → `<dataset>-classifier` |
+| `train` | Submits `python -m ml.train` to the Ray cluster as a job with a deterministic id (a retry re-attaches instead of training twice), then waits in the triggerer, streaming the job log here. Ray Train runs DeepSpeed ZeRO on `num_workers` workers, checkpoints every epoch to S3 and resumes from the last checkpoint if a worker dies. | link **Ray job**; task log: the job log |
+| `training_summary` | Reads the job's result: epochs, best validation macro-F1, the MLflow run. | link **MLflow run** |
+| `evaluate` | A Ray job scoring the new model (challenger) and the current `champion` on the **same** held-out test split of this snapshot; logs metrics and a confusion matrix to the run; decides promotion. | link **Ray job**; MLflow run → artifacts `evaluation/` |
+| `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | links **MLflow run**, **MLflow model version** |
 | `deploy` | Only for a new champion: points the Ray Serve application `classifier` at it (Serve REST API; replicas load it beside the old model and swap in place, no request fails) and waits until every answer names the new version. If it does not load or serve, the previous config is put back and the task fails saying which version serves. Skipped when the gate said no. | task log; Ray dashboard → Serve |
-| `smoke_test` | Sends fixed test texts to `POST /v1/predict`: the new version must answer them exactly as it did offline in `evaluate` (labels, scores ±0.01), and a malformed request must get a 4xx. On failure: rollback as above. On success: MLflow alias `serving` → this version. | task log; `curl http://127.0.0.1:8000/v1/model` |
+| `smoke_test` | Sends fixed test texts to `POST /v1/predict`: the new version must answer them exactly as it did offline in `evaluate` (labels, scores ±0.01), and a malformed request must get a 4xx. On failure: rollback as above. On success: MLflow alias `serving` → this version. | link **Serving API (/v1/model)** |
 
 **No new data** → `extract` is *skipped* with a log line saying so, and so is everything after it.
 **Every batch bad** → `validate` fails (no retry) naming each batch and its first failed expectation.
 **Promotion gate**: the challenger becomes `champion` only if its test macro-F1 ≥ the champion's − `CT_GATE_TOLERANCE`
 and ≥ the floor (`gate_min_macro_f1` param / `CT_GATE_MIN_MACRO_F1`); otherwise it stays `challenger` and the serving model is untouched.
 
-**Manual runs** take the params in the trigger form (epochs, learning rate, workers, ZeRO stage, max length, …);
-scheduled runs use their defaults.
+**Manual runs** take the params in the trigger form: epochs, learning rate, workers, ZeRO stage, max length,
+**data window** (earlier snapshots trained on too, default 30 days), **force promote** (dangerous: skips the gate)
+and **dry run** (train and evaluate only; nothing registered or deployed, new batches stay unconsumed).
+Scheduled, asset- and drift-triggered runs use the defaults (drift: plus `drift_monitor`'s `training_params`).
+A failed task's last log lines name the stage and what to do.
 
 **Operating it**
 - Add data: upload CSV / JSONL / Parquet with `text` and `label` columns to
