@@ -106,7 +106,7 @@ def load_model(options: ServeOptions) -> LoadedModel:
     name = options.model_name or settings.registered_model
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     version = resolve_version(client, name, options.model_version)
-    export = fetch_export(client, name, str(version.version))
+    export = fetch_export(client, name, str(version.version), version.run_id or "")
     classifier = TextClassifier.from_dir(export, device=options.device, dtype=options.dtype)
     return LoadedModel(
         classifier,
@@ -118,12 +118,17 @@ def load_model(options: ServeOptions) -> LoadedModel:
     )
 
 
-def fetch_export(client: Any, name: str, version: str) -> Path:
-    """The version's export directory, downloaded once per node into the model cache."""
+def fetch_export(client: Any, name: str, version: str, run_id: str) -> Path:
+    """The version's export directory, downloaded once per node into the model cache.
+
+    Cached under name / version / training run id: a version number alone is not an identity (a
+    registry that was recreated, or a model deleted and registered again, reuses numbers), and a
+    stale cache entry would serve another model than the registry names.
+    """
     from ml.registry import download_export
 
     cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "ct-serve-models")
-    final = cache / name / version
+    final = cache / name / f"{version}-{run_id}" if run_id else cache / name / version
     if (final / ".complete").is_file():
         return final / "export"
     final.parent.mkdir(parents=True, exist_ok=True)

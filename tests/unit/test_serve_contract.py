@@ -130,3 +130,29 @@ def test_redeploy_keeps_the_running_config_and_other_apps():
     assert ours["model_version"] == "8" and ours["max_batch_size"] == 32
     assert other in config["applications"]
     assert running["applications"][0]["deployments"][0]["user_config"]["model_version"] == "7"  # not mutated
+
+
+def test_model_cache_is_keyed_by_training_run_not_only_version(tmp_path, monkeypatch):
+    """A recreated registry reuses version numbers: v1 of another run must not come from the cache."""
+    import ml.registry
+    from serve import app
+
+    downloads = []
+
+    def fake_download(client, model_root, dst):  # what would come from MLflow: a marker file
+        downloads.append(model_root)
+        (dst / "export").mkdir(parents=True)
+        (dst / "export" / "weights").write_text(model_root)
+        return dst / "export"
+
+    class Client:
+        def get_model_version_download_uri(self, name, version):
+            return f"s3://bucket/{name}/{version}/{len(downloads)}"
+
+    monkeypatch.setenv(app.MODEL_CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(ml.registry, "download_export", fake_download)
+    first = app.fetch_export(Client(), "m", "1", "run-a")
+    assert app.fetch_export(Client(), "m", "1", "run-a") == first and len(downloads) == 1
+    other = app.fetch_export(Client(), "m", "1", "run-b")
+    assert other != first and len(downloads) == 2
+    assert (other / "weights").read_text() != (first / "weights").read_text()
