@@ -4,6 +4,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 UI_ARGS ?=
+DEMO_ARGS ?=
 # The venv's tools first: DeepSpeed JIT-builds a CPU op with `ninja` and rebuilds it whenever a
 # different ninja (e.g. the system's) touched the cache; Ray workers use the venv's.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -28,8 +29,8 @@ status: ## Show the services, their URLs and the Airflow login
 seed: ## Load AG News into raw/ as dated batches (plus one bad batch)
 	@$(PY) -m ml.seed --bad-batch
 
-demo: up ## Set up, start the stack, seed data and run continuous_training through Airflow
-	@$(PY) scripts/demo.py
+demo: up ## The whole loop in Airflow: seed, train, serve, drift, retrain (DEMO_ARGS=--no-drift: act 1 only)
+	@$(PY) scripts/demo.py $(DEMO_ARGS)
 
 lint: ## ruff (with the Airflow AIR rules) and format check
 	@.venv/bin/ruff check .

@@ -8,7 +8,7 @@ them**: a sample of the training split of that version's snapshot.
 
 | task | what it does | where to look |
 |---|---|---|
-| `check` | Evidently 0.7: text drift (a domain classifier's ROC AUC), readable descriptors (length, word count, non-letter share) and drift of the predicted label distribution. Too few served texts → verdict *insufficient data* (not "no drift"). | links **Evidently report** (S3/MinIO) and **MLflow run** (experiment `drift`, the report as artifact `report.html`, metric trends) |
+| `check` | Evidently 0.7: text drift (a domain classifier's ROC AUC), readable descriptors (length, word count, non-letter share) and drift of the predicted label distribution. Too few served texts → verdict *insufficient data* (not "no drift"). | links **Evidently report** (opens in Airflow, served from S3/MinIO) and **MLflow run** (experiment `drift`, the report as artifact `report.html`, metric trends) |
 | `decide` | Drift → a training run, unless `dry_run`, a `continuous_training` run is already queued or running, or the last drift-triggered run for this model is younger than `cooldown_hours`. Every skip says why in the log. | task log |
 | `trigger_training` | Triggers `continuous_training` for the served model's dataset with conf `{"reason": "drift", "drift_score": …, "report": …}` plus `training_params`; the training run and the model version record them as tags. | link **Triggered DAG** |
 | `record_trigger` | Starts the cooldown (`reports/drift/<model>/_last_trigger.json`). | S3 |

@@ -614,6 +614,24 @@ class UiChecker:
             + ("; ".join(errors) if errors else "no JS exceptions, console errors or HTTP >= 400"),
         )
 
+    # ---- a page a task links to (report viewer, MLflow) -------------------------------
+
+    async def linked_page(self, url: str, name: str) -> None:
+        """Open ``url`` in the logged-in browser: it must render a page with content, not an error."""
+        page = self.page
+        await page.navigate(url)
+        await page.wait_for("document.readyState === 'complete'", f"{url} to load")
+        await page.settle(2.0)
+        title = await page.js("document.title")
+        length = await page.js("document.body ? document.body.innerText.trim().length : 0")
+        await self.shot(f"link-{name}")
+        self.check(
+            bool(length and length > 200) and "Not authenticated" not in (await page.text())[:500],
+            "link",
+            name,
+            f"{url} rendered {title!r} with {length} characters of text",
+        )
+
     # ---- login ---------------------------------------------------------------------
 
     async def login(self, user: str, password: str) -> None:
@@ -872,6 +890,7 @@ async def _run(
     out_dir: Path,
     report: UiReport,
     timeout: float,
+    links: dict[str, str],
 ) -> None:
     ws_url = browser.ws_url()
     async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
@@ -894,6 +913,8 @@ async def _run(
                 await checker.stage("page", dag.dag_id, lambda dag=dag: checker.dag_page(dag))
                 await checker.stage("docs", dag.dag_id, lambda dag=dag: checker.dag_docs(dag))
                 await checker.stage("trigger-form", dag.dag_id, lambda dag=dag: checker.trigger_form(dag))
+            for name, url in links.items():
+                await checker.stage("link", name, lambda name=name, url=url: checker.linked_page(url, name))
         finally:
             await cdp.close()
 
@@ -910,8 +931,12 @@ def run_ui_check(
     dag_ids: list[str] | None,
     out_dir: Path,
     timeout: float = 45.0,
+    links: dict[str, str] | None = None,
 ) -> UiReport:
     """Check the UI in headless Chromium; ``dag_ids=None`` checks every DAG tagged continuous-training.
+
+    ``links`` ({name: url}) are pages a task links to (reports, MLflow): each must render for the
+    logged-in user.
 
     Raises ChromiumNotFound when no chromium is installed. Every wait is bounded by ``timeout``
     seconds, and the browser and its temporary profile are gone when this returns.
@@ -948,11 +973,13 @@ def run_ui_check(
             fail("page", dag_id, f"GET /api/v2/dags/{dag_id}/details failed: {exc}")
 
     # a bound on the whole run too, however many waits come close to their own timeout
-    budget = 4 * timeout + 6 * timeout * len(dags)
+    budget = 4 * timeout + 6 * timeout * len(dags) + 2 * timeout * len(links or {})
     browser = Browser(executable, timeout)
     try:
         asyncio.run(
-            asyncio.wait_for(_run(browser, base_url, user, password, dags, out_dir, report, timeout), budget)
+            asyncio.wait_for(
+                _run(browser, base_url, user, password, dags, out_dir, report, timeout, links or {}), budget
+            )
         )
     except TimeoutError as exc:  # asyncio.wait_for's says nothing
         fail("browser", "ui", str(exc) or f"the whole check ran past its {budget:.0f}s budget")
@@ -978,6 +1005,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"DAG to check (repeatable; default: every DAG tagged {DAG_TAG!r})",
     )
     parser.add_argument("--timeout", type=float, default=45.0, help="seconds per wait (default 45)")
+    parser.add_argument(
+        "--open",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also open this page as the logged-in user (e.g. a task's report link; repeatable)",
+    )
     parser.add_argument("--user", help="default: the login Airflow standalone generated")
     parser.add_argument("--password")
     args = parser.parse_args(argv)
@@ -994,7 +1028,10 @@ def main(argv: list[str] | None = None) -> int:
 
         user, password = stack.airflow_login()
 
-    report = run_ui_check(args.base_url, user, password, args.dags, args.out, timeout=args.timeout)
+    links = {f"open-{i + 1}": url for i, url in enumerate(args.open)}
+    report = run_ui_check(
+        args.base_url, user, password, args.dags, args.out, timeout=args.timeout, links=links
+    )
     passed = len(report.results) - len(report.failures)
     print(
         f"\n{'OK' if not report.failures else 'FAILED'}: {passed} passed, {len(report.failures)} failed "

@@ -106,6 +106,21 @@ def _assert_report_opens(airflow, url: str | None) -> None:
     assert requests.get(url, timeout=60).status_code == 401, "reports must need an Airflow login"
 
 
+def _assert_renders_in_a_browser(url: str, out_dir: Path) -> None:
+    """The link, followed by a person logged in to the Airflow UI (headless Chromium), renders."""
+    import ui_check
+
+    try:
+        ui_check.find_chromium()
+    except ui_check.ChromiumNotFound:
+        return  # tests/integration/test_airflow_ui.py reports the skip
+    report = ui_check.run_ui_check(
+        "http://127.0.0.1:8080", *stack.airflow_login(), [MONITOR], out_dir, links={"report": url}
+    )
+    assert not report.failures, report.failures
+    assert "link" in report.kinds("report"), report.checks
+
+
 def _training_runs(airflow) -> list[dict]:
     return airflow.runs(DAG_ID, limit=50)
 
@@ -119,7 +134,7 @@ def _drift_runs(airflow, dataset: str) -> list[dict]:
     ]
 
 
-def test_the_loop_through_airflow(airflow, full_stack):
+def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     """Run 1 trains and deploys v1. Same-distribution traffic: no drift, no trigger. 20 Newsgroups
     traffic: drift, and continuous_training runs with the drift in its conf; it trains v2 on the
     new labelled batch plus the earlier data and deploys it only if it passes the gate. While it
@@ -226,6 +241,7 @@ def test_the_loop_through_airflow(airflow, full_stack):
     assert store.exists(drift["report_key"]) and store.exists(drift["summary_key"])
     links = airflow.links(MONITOR, drift_run, "check")
     _assert_report_opens(airflow, links["Evidently report"])
+    _assert_renders_in_a_browser(links["Evidently report"], tmp_path)
     assert links["MLflow run"].endswith("/artifacts/report.html"), links
     drift_mlflow = mlflow.get_run(drift["mlflow_run_id"])
     assert drift_mlflow.data.tags["verdict"] == "drift"
