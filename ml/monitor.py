@@ -36,6 +36,16 @@ DRIFT_REPORTS = "reports/drift"
 REFERENCE_ROWS = 1000
 
 
+def production_rows(window: pd.DataFrame) -> pd.DataFrame:
+    """The window without the pipeline's own requests (deploy smoke tests): users' traffic only."""
+    from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+
+    own = window["request_id"].astype(str).str.startswith(PIPELINE_REQUEST_PREFIX)
+    if own.any():
+        log.info("leaving out %d rows of the pipeline's own requests (smoke tests)", int(own.sum()))
+    return window[~own]
+
+
 def serving_model(window: pd.DataFrame) -> tuple[str, str] | None:
     """The (model name, version) that answered most of the window; None for an empty window."""
     if window.empty:
@@ -88,7 +98,7 @@ def check_window(
     from serve.prediction_log import read_predictions
 
     store = store or ObjectStore(settings)
-    window = read_predictions(store, start, end)
+    window = production_rows(read_predictions(store, start, end))
     model = serving_model(window)
     base = {"window": {"start": start.isoformat(), "end": end.isoformat()}, "served_rows": len(window)}
     if model is None:

@@ -145,10 +145,15 @@ class ServeDeployer:
         return Serving.from_json(resp.json())
 
     def predict(self, texts: list[str]) -> dict[str, Any]:
+        """The pipeline's own request: marked so the drift check leaves it out of the traffic."""
+        import uuid
+
+        from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+
         resp = requests.post(
             f"{self.serve_url}/v1/predict",
             json={"texts": texts, "return_all_scores": True},
-            headers=self._headers(),
+            headers={**self._headers(), "X-Request-ID": f"{PIPELINE_REQUEST_PREFIX}{uuid.uuid4().hex}"},
             timeout=60,
         )
         if resp.status_code != 200:

@@ -60,6 +60,9 @@ from ml.storage import ObjectStore, minio_client
 
 log = logging.getLogger(__name__)
 
+# Requests the pipeline itself sends (deploy smoke tests) carry X-Request-ID with this prefix:
+# they are logged like any other, and left out of drift windows (serve.deploy, ml.monitor).
+PIPELINE_REQUEST_PREFIX = "ct-pipeline-"
 PREDICTIONS = "predictions"
 
 SCHEMA = pa.schema(

@@ -189,3 +189,13 @@ def test_sample_reference_of_a_small_split_is_all_of_it(small_batch):
 def test_thresholds_reject_values_that_cannot_work(field, value, message):
     with pytest.raises(ValueError, match=message):
         DriftThresholds(**{field: value})
+
+
+def test_the_pipelines_own_requests_are_not_traffic():
+    from ml.monitor import production_rows
+    from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+
+    window = pd.DataFrame(
+        {"request_id": ["a1", f"{PIPELINE_REQUEST_PREFIX}x", "b2"], "text": ["u", "smoke", "v"]}
+    )
+    assert production_rows(window)["text"].tolist() == ["u", "v"]
