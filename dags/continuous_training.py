@@ -49,7 +49,8 @@ from typing import Any
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA, dataset_from_events
-from ct_airflow.failures import explain_failure, skip
+from ct_airflow.dag_defaults import dataset_param, default_args
+from ct_airflow.failures import skip
 from ct_airflow.links import (
     DataDocsLink,
     MlflowModelLink,
@@ -67,10 +68,11 @@ log = logging.getLogger(__name__)
 def _settings(context: Any) -> Any:
     """Pipeline settings for the run's dataset: the ``dataset`` param, else the dataset named by
     the raw-data asset event that triggered the run, else ``CT_DATASET``."""
-    from ct_airflow.settings import pipeline_settings
+    from ct_airflow.settings import dataset_settings
 
-    dataset = context["params"].get("dataset") or dataset_from_events(context.get("triggering_asset_events"))
-    return pipeline_settings(**({"dataset": dataset} if dataset else {}))
+    return dataset_settings(
+        context["params"].get("dataset") or dataset_from_events(context.get("triggering_asset_events"))
+    )
 
 
 @dag(
@@ -87,12 +89,7 @@ def _settings(context: Any) -> Any:
     doc_md=__doc__,
     tags=["continuous-training", "data-quality"],
     params={
-        "dataset": Param(
-            None,
-            type=["null", "string"],
-            title="Dataset",
-            description="Dataset under raw/ to train on; empty uses CT_DATASET (default agnews).",
-        ),
+        "dataset": dataset_param("train on"),
         "epochs": Param(
             2,
             type="integer",
@@ -152,14 +149,7 @@ def _settings(context: Any) -> Any:
             "moves, nothing is deployed, and the new batches stay unconsumed for the next real run.",
         ),
     },
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "execution_timeout": timedelta(hours=2),
-        "on_failure_callback": explain_failure,
-    },
+    default_args=default_args(timedelta(hours=2), retry_exponential_backoff=True),
 )
 def continuous_training() -> None:
     @task

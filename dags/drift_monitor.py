@@ -32,7 +32,8 @@ from typing import Any
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
-from ct_airflow.failures import explain_failure, skip
+from ct_airflow.dag_defaults import default_args
+from ct_airflow.failures import skip
 from ct_airflow.links import DriftReportLink, MlflowRunLink, publish_links, with_links
 
 DAG_ID = "drift_monitor"
@@ -109,13 +110,7 @@ def last_trigger_key(model_name: str) -> str:
             f"allowed: {', '.join(sorted(TRAINING_PARAMS))}. Empty = that DAG's defaults.",
         ),
     },
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": explain_failure,
-    },
+    default_args=default_args(timedelta(minutes=30)),
 )
 def drift_monitor() -> None:
     @task

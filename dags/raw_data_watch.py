@@ -25,10 +25,11 @@ import logging
 import os
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import CronTriggerTimetable, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA
-from ct_airflow.failures import explain_failure, skip
+from ct_airflow.dag_defaults import dataset_param, default_args
+from ct_airflow.failures import skip
 
 DAG_ID = "raw_data_watch"
 log = logging.getLogger(__name__)
@@ -43,33 +44,21 @@ log = logging.getLogger(__name__)
     doc_md=__doc__,
     tags=["continuous-training", "data"],
     params={
-        "dataset": Param(
-            None,
-            type=["null", "string"],
-            title="Dataset",
-            description="Dataset under raw/ to watch; empty uses CT_DATASET (default agnews).",
-        ),
+        "dataset": dataset_param("watch"),
     },
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "execution_timeout": timedelta(minutes=10),
-        "on_failure_callback": explain_failure,
-    },
+    default_args=default_args(timedelta(minutes=10)),
 )
 def raw_data_watch() -> None:
     @task(outlets=[RAW_DATA])
     def detect() -> dict:
         """Announce unconsumed due batches once, as an event on the ct_raw_data asset."""
 
-        from ct_airflow.settings import pipeline_settings
+        from ct_airflow.settings import dataset_settings
         from ml.extract import pending_batches
         from ml.storage import REPORTS, ObjectStore
 
         context = get_current_context()
-        dataset = context["params"].get("dataset")
-        settings = pipeline_settings(**({"dataset": dataset} if dataset else {}))
+        settings = dataset_settings(context["params"].get("dataset"))
         store = ObjectStore(settings)
         pending = pending_batches(settings, datetime.now(UTC), store)
         if not pending:

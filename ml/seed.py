@@ -30,6 +30,12 @@ def batch_frames(frame: pd.DataFrame, batches: int, seed: int = 0) -> list[pd.Da
     return [shuffled.iloc[i * size : (i + 1) * size] for i in range(batches)]
 
 
+def balanced_sample(frame: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
+    """About ``rows`` rows, the same number of each label; ``seed`` picks which (index kept)."""
+    per_class = max(1, rows // frame["label"].nunique())
+    return frame.groupby("label").sample(n=per_class, random_state=seed)
+
+
 def seed_raw(
     settings: Settings,
     source: Path = DEFAULT_SOURCE,
@@ -54,8 +60,7 @@ def seed_raw(
     if missing:
         raise ValueError(f"{source} lacks columns {sorted(missing)}; expected a text,label CSV")
     if rows is not None:
-        per_class = max(1, rows // frame["label"].nunique())
-        frame = frame.groupby("label").sample(n=per_class, random_state=seed)
+        frame = balanced_sample(frame, rows, seed)
     frame = frame.rename(columns={"text": settings.text_column, "label": settings.label_column})
     end = end or (datetime.now(UTC).date() - timedelta(days=1))
     keys = []

@@ -128,7 +128,7 @@ class ObjectStore:
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         self.client.fput_object(
-            self.bucket, key, str(path), content_type=content_type or _guess_type(path.name)
+            self.bucket, key, str(path), content_type=content_type or guess_type(path.name)
         )
 
     def copy(self, src_key: str, dst_key: str) -> None:
@@ -160,10 +160,6 @@ class ObjectStore:
 
 def guess_type(name: str) -> str:
     """Content type from a file name's suffix (for uploads and for serving reports)."""
-    return _guess_type(name)
-
-
-def _guess_type(name: str) -> str:
     for suffix, kind in (
         (".html", "text/html"),
         (".json", "application/json"),

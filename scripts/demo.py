@@ -29,7 +29,7 @@ import pandas as pd
 import stack
 from airflow_client import AirflowClient
 
-from ml.seed import DEFAULT_SOURCE, seed_raw
+from ml.seed import DEFAULT_SOURCE, balanced_sample, seed_raw
 from ml.settings import Settings
 from ml.storage import QUARANTINE, RAW, ObjectStore
 
@@ -140,11 +140,10 @@ def show_serving(settings: Settings) -> bool:
     return True
 
 
-def held_back_rows(settings: Settings) -> pd.DataFrame:
+def held_back_rows() -> pd.DataFrame:
     """The AG News rows act 1 did not seed (seed_raw's sample is deterministic)."""
     full = pd.read_csv(DEFAULT_SOURCE)
-    seeded = full.groupby("label").sample(n=SEED_ROWS // full["label"].nunique(), random_state=0)
-    return full.drop(index=seeded.index)
+    return full.drop(index=balanced_sample(full, SEED_ROWS).index)
 
 
 def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, timeout: float) -> bool:
@@ -156,7 +155,7 @@ def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, tim
 
     print("\n=== Act 2: the service's traffic drifts ===")
     today = datetime.now(UTC).date().isoformat()
-    review = held_back_rows(settings)
+    review = held_back_rows()
     key = f"{RAW}/{settings.dataset}/{today}_review/part-000.csv"
     store.put_bytes(key, review.to_csv(index=False).encode(), "text/csv")
     print(f"  labelled production data: {len(review)} rows -> s3://{store.bucket}/{key}")

@@ -26,18 +26,22 @@ log = logging.getLogger(__name__)
 LINKS_XCOM_KEY = "ct_links"
 
 
+def _own_xcom(ti_key: Any, key: str) -> Any:
+    """This task instance's XCom ``key``; None where ``ti_key`` cannot read XCom.
+
+    During a task's finalize, Airflow passes the running task instance as ``ti_key``.
+    """
+    pull = getattr(ti_key, "xcom_pull", None)
+    return pull(task_ids=ti_key.task_id, key=key, map_indexes=ti_key.map_index) if pull else None
+
+
 class _PublishedLink(BaseOperatorLink):
     """A link whose URL the task published under ``field`` in XCom ``ct_links`` ("" if none)."""
 
     field: ClassVar[str]
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        # During a task's finalize, ti_key is the running task instance, which can read XCom.
-        pull = getattr(ti_key, "xcom_pull", None)
-        if pull is None:
-            return ""
-        links = pull(task_ids=ti_key.task_id, key=LINKS_XCOM_KEY, map_indexes=ti_key.map_index)
-        return str((links or {}).get(self.field) or "")
+        return str((_own_xcom(ti_key, LINKS_XCOM_KEY) or {}).get(self.field) or "")
 
 
 class MlflowRunLink(_PublishedLink):
@@ -66,8 +70,7 @@ class RayJobLink(BaseOperatorLink):
     name = "Ray job"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        pull = getattr(ti_key, "xcom_pull", None)
-        submission_id = pull(task_ids=ti_key.task_id, key="submission_id") if pull else None
+        submission_id = _own_xcom(ti_key, "submission_id")
         hook = getattr(operator, "hook", None)
         return hook.dashboard_url(submission_id) if submission_id and hook is not None else ""
 
@@ -80,7 +83,7 @@ class ServedModelLink(_PublishedLink):
 def publish_links(context: Any, **links: str | None) -> None:
     """Add ``links`` (field=url) to this task instance's ``ct_links`` and log each one."""
     ti = context["ti"]
-    current = ti.xcom_pull(task_ids=ti.task_id, key=LINKS_XCOM_KEY, map_indexes=ti.map_index) or {}
+    current = _own_xcom(ti, LINKS_XCOM_KEY) or {}
     fresh = {field: url for field, url in links.items() if url}
     for field, url in fresh.items():
         log.info("link %s: %s", field, url)

@@ -73,3 +73,8 @@ def pipeline_settings(**extra: Any) -> Settings:
     from ml.settings import Settings
 
     return Settings(**{**overrides_from_connections(), **extra})
+
+
+def dataset_settings(dataset: str | None) -> Settings:
+    """Pipeline settings for ``dataset``; None or empty keeps CT_DATASET."""
+    return pipeline_settings(**({"dataset": dataset} if dataset else {}))
