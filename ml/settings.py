@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,6 +38,26 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server.")
     ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Jobs API.")
     serve_url: str = Field("http://127.0.0.1:8000", description="Ray Serve HTTP proxy.")
+    serve_target: Literal["serve-api", "rayservice"] = Field(
+        "serve-api",
+        description="Where the deploy task changes the Serve config: 'serve-api' = the Ray dashboard's Serve "
+        "REST API at CT_RAY_ADDRESS (local stack, docker compose); 'rayservice' = the KubeRay RayService "
+        "CT_RAYSERVICE_NAME through the Kubernetes API (docker/k8s/).",
+    )
+    serve_http_host: str = Field(
+        "",
+        description="Address the Serve HTTP proxy listens on, when the deploy task starts the application "
+        "from serve/config.yaml; empty = as written there (127.0.0.1). 0.0.0.0 in a container.",
+    )
+    rayservice_name: str = Field("classifier", description="RayService the deploy task patches (rayservice).")
+    k8s_namespace: str = Field(
+        "", description="Namespace of the RayService; empty = the pod's own namespace (else 'default')."
+    )
+    k8s_api_url: str = Field(
+        "",
+        description="Kubernetes API server; empty = in-cluster (KUBERNETES_SERVICE_HOST). Outside a cluster, "
+        "e.g. http://127.0.0.1:8001 with `kubectl proxy`.",
+    )
     mlflow_ui_url: str = Field(
         "", description="MLflow as a browser reaches it (links in Airflow); empty = the tracking URI."
     )

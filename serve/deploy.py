@@ -5,9 +5,12 @@ Used by the ``deploy`` and ``smoke_test`` tasks of ``continuous_training`` and b
     python -m serve.deploy --version 3          # or --version champion
     python -m serve.deploy --status
 
-It talks to the Ray dashboard's Serve REST API (``PUT /api/serve/applications/``, what ``serve
-deploy`` uses) and to the service over HTTP; it imports neither torch nor the model, so it runs in
-a slim Airflow worker.
+Where the Serve config lives depends on ``CT_SERVE_TARGET``: ``serve-api`` (default; the local
+stack and docker compose) changes it through the Ray dashboard's Serve REST API (``PUT
+/api/serve/applications/``, what ``serve deploy`` uses); ``rayservice`` (Kubernetes) patches the
+``serveConfigV2`` of a KubeRay RayService, which the operator applies to its cluster. Either way
+the service itself is checked over HTTP at ``CT_SERVE_URL``, with the same smoke test and rollback.
+It imports neither torch nor the model, so it runs in a slim Airflow worker.
 
 A deploy changes only the application's ``user_config.model_version`` (and the ``CT_*`` settings in
 its ``runtime_env``): replicas load the new version beside the old one and swap in place, so
@@ -70,31 +73,18 @@ class Serving:
         return cls(data["name"], str(data["version"]), list(data["labels"]), data.get("last_load_error"))
 
 
-class ServeDeployer:
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        *,
-        app_name: str = APP_NAME,
-        config_file: Path = CONFIG_FILE,
-        timeout_s: float = 600.0,
-        poll_s: float = 2.0,
-    ) -> None:
-        self.settings = settings or load_settings()
-        self.app_name = app_name
-        self.config_file = config_file
-        self.timeout_s = timeout_s
-        self.poll_s = poll_s
-        self.serve_url = self.settings.serve_url.rstrip("/")
+class ServeRestApi:
+    """The Serve config through the Ray dashboard's Serve REST API (local stack, docker compose)."""
 
-    # ---- the Serve REST API -------------------------------------------------------------
+    def __init__(self, settings: Settings) -> None:
+        self.address = settings.ray_address
 
     @cached_property
     def _client(self):
-        """One client per deployer: creating it costs a request (Ray's version check)."""
+        """One client: creating it costs a request (Ray's version check)."""
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-        return ServeSubmissionClient(self.settings.ray_address)
+        return ServeSubmissionClient(self.address)
 
     def details(self) -> dict[str, Any]:
         return self._client.get_serve_details()
@@ -113,6 +103,138 @@ class ServeDeployer:
         config["http_options"] = {k: http[k] for k in ("host", "port", "request_timeout_s") if http.get(k)}
         return config
 
+    def apply(self, config: dict[str, Any]) -> None:
+        self._client.deploy_applications(config)
+
+    def app_status(self, app_name: str) -> tuple[str, str]:
+        app = (self.details().get("applications") or {}).get(app_name)
+        if not app:
+            return "NOT_STARTED", ""
+        return app.get("status", "UNKNOWN"), app.get("message") or ""
+
+
+class RayServiceApi:
+    """The Serve config of a KubeRay RayService (``spec.serveConfigV2``) through the Kubernetes API.
+
+    KubeRay applies a changed ``serveConfigV2`` to the running cluster in place, and Serve replaces
+    the replicas one by one, so requests keep being answered. Inside a pod it authenticates with the
+    pod's service account, which needs ``get`` and ``patch`` on ``rayservices`` (docker/k8s/rbac.yaml).
+    """
+
+    SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+    def __init__(self, settings: Settings, service_account: Path | None = None) -> None:
+        self.service_account = service_account or self.SERVICE_ACCOUNT
+        self.api_url = (settings.k8s_api_url or self._in_cluster_url()).rstrip("/")
+        self.namespace = settings.k8s_namespace or self._pod_namespace()
+        self.name = settings.rayservice_name
+        self.url = f"{self.api_url}/apis/ray.io/v1/namespaces/{self.namespace}/rayservices/{self.name}"
+
+    def _in_cluster_url(self) -> str:
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise DeployError(
+                "CT_SERVE_TARGET=rayservice but this is not a Kubernetes pod (no KUBERNETES_SERVICE_HOST): "
+                "set CT_K8S_API_URL, e.g. http://127.0.0.1:8001 with `kubectl proxy`"
+            )
+        return f"https://{host}:{port}"
+
+    def _pod_namespace(self) -> str:
+        path = self.service_account / "namespace"
+        return path.read_text().strip() if path.exists() else "default"
+
+    def _request(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        token = self.service_account / "token"
+        if token.exists():  # read on every call: the kubelet rotates projected tokens
+            headers["Authorization"] = f"Bearer {token.read_text().strip()}"
+        if body is not None:
+            headers["Content-Type"] = "application/merge-patch+json"
+        ca = self.service_account / "ca.crt"
+        verify: bool | str = str(ca) if ca.exists() and self.api_url.startswith("https") else True
+        try:
+            resp = requests.request(method, self.url, json=body, headers=headers, verify=verify, timeout=30)
+        except requests.RequestException as err:
+            raise DeployError(f"Kubernetes API {self.api_url} unreachable: {err}") from err
+        if resp.status_code == 404:
+            raise DeployError(
+                f"RayService {self.namespace}/{self.name} not found at {self.api_url}: create it first "
+                "(kubectl apply -k docker/k8s/) or set CT_RAYSERVICE_NAME / CT_K8S_NAMESPACE"
+            )
+        if resp.status_code in {401, 403}:
+            raise DeployError(
+                f"Kubernetes API refused {method} on RayService {self.namespace}/{self.name} "
+                f"(HTTP {resp.status_code}): the service account needs get and patch on rayservices.ray.io "
+                f"(docker/k8s/rbac.yaml). {resp.text[:300]}"
+            )
+        if resp.status_code >= 400:
+            raise DeployError(f"{method} {self.url} answered {resp.status_code}: {resp.text[:500]}")
+        return resp.json()
+
+    def resource(self) -> dict[str, Any]:
+        return self._request("GET")
+
+    def details(self) -> dict[str, Any]:
+        return self.resource().get("status") or {}
+
+    def current_config(self) -> dict[str, Any] | None:
+        text = (self.resource().get("spec") or {}).get("serveConfigV2")
+        config = yaml.safe_load(text) if text else None
+        return config if config and config.get("applications") else None
+
+    def apply(self, config: dict[str, Any]) -> None:
+        self._request("PATCH", {"spec": {"serveConfigV2": yaml.safe_dump(config, sort_keys=False)}})
+
+    def app_status(self, app_name: str) -> tuple[str, str]:
+        """The app's status in the cluster being upgraded to, if any, else in the active one."""
+        status = self.details()
+        for side in ("pendingServiceStatus", "activeServiceStatus"):
+            app = ((status.get(side) or {}).get("applicationStatuses") or {}).get(app_name)
+            if app:
+                return app.get("status", "UNKNOWN"), app.get("message") or ""
+        return "NOT_STARTED", ""
+
+
+def serve_control(settings: Settings) -> ServeRestApi | RayServiceApi:
+    """The Serve config's home for ``CT_SERVE_TARGET``."""
+    return RayServiceApi(settings) if settings.serve_target == "rayservice" else ServeRestApi(settings)
+
+
+class ServeDeployer:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        app_name: str = APP_NAME,
+        config_file: Path = CONFIG_FILE,
+        timeout_s: float = 600.0,
+        poll_s: float = 2.0,
+        control: ServeRestApi | RayServiceApi | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.app_name = app_name
+        self.config_file = config_file
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.serve_url = self.settings.serve_url.rstrip("/")
+        self._control = control
+
+    # ---- the Serve config (CT_SERVE_TARGET) ---------------------------------------------
+
+    @property
+    def control(self) -> ServeRestApi | RayServiceApi:
+        """Built on first use: constructing the RayService one reads the pod's service account."""
+        if self._control is None:
+            self._control = serve_control(self.settings)
+        return self._control
+
+    def details(self) -> dict[str, Any]:
+        return self.control.details()
+
+    def current_config(self) -> dict[str, Any] | None:
+        return self.control.current_config()
+
     def app_config(self, config: dict[str, Any] | None) -> dict[str, Any] | None:
         for app in (config or {}).get("applications", []):
             if app.get("name") == self.app_name:
@@ -120,13 +242,10 @@ class ServeDeployer:
         return None
 
     def apply(self, config: dict[str, Any]) -> None:
-        self._client.deploy_applications(config)
+        self.control.apply(config)
 
     def app_status(self) -> tuple[str, str]:
-        app = (self.details().get("applications") or {}).get(self.app_name)
-        if not app:
-            return "NOT_STARTED", ""
-        return app.get("status", "UNKNOWN"), app.get("message") or ""
+        return self.control.app_status(self.app_name)
 
     # ---- the service over HTTP ----------------------------------------------------------
 
@@ -192,6 +311,8 @@ class ServeDeployer:
                     config[key] = running[key]
         else:
             config["applications"] = ours
+            if host := self.settings.serve_http_host:  # in a container: listen beyond loopback
+                config["http_options"] = {**(config.get("http_options") or {}), "host": host}
         return config
 
     def deploy(self, version: str | int, model_name: str | None = None) -> dict[str, Any]:
