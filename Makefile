@@ -45,6 +45,12 @@ test-fast: setup ## Unit and DAG tests only (no services)
 bench-serve: setup ## Serving benchmark: batched vs unbatched vs bare model (starts Ray; BENCH_ARGS=...)
 	@$(PY) benchmarks/serve_bench.py $(BENCH_ARGS)
 
+docker-check: setup ## Static checks of docker/: hadolint, compose spec, Kubernetes manifests, image requirements
+	@$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
+image-requirements: ## Regenerate docker/requirements-*.txt from the `# images:` notes in requirements.txt
+	@$(PY) scripts/image_requirements.py
+
 ui-check: ## Browser check of the Airflow UI (headless Chromium)
 	@$(PY) scripts/ui_check.py $(UI_ARGS)
 
@@ -52,4 +58,4 @@ clean: down ## Stop the stack and delete its state (.state/)
 	rm -rf .state
 
 .PHONY: help setup up down status seed demo lint test test-fast bench-serve clean
-.PHONY: ui-check
+.PHONY: ui-check docker-check image-requirements

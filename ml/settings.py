@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server.")
     ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Jobs API.")
     serve_url: str = Field("http://127.0.0.1:8000", description="Ray Serve HTTP proxy.")
+    ray_autoscaling: bool = Field(
+        False,
+        description="The Ray cluster adds nodes on demand (KubeRay autoscaler): training does not fail "
+        "when the cluster has fewer CPUs/GPUs than the job needs right now, it waits for them.",
+    )
     serve_target: Literal["serve-api", "rayservice"] = Field(
         "serve-api",
         description="Where the deploy task changes the Serve config: 'serve-api' = the Ray dashboard's Serve "

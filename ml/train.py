@@ -441,8 +441,15 @@ class _MlflowEpochLogger:
 # ----------------------------------------------------------------------------------------
 
 
-def check_config(config: TrainConfig, labels: tuple[str, ...], cluster: dict[str, float]) -> str:
-    """Fail fast with a clear message before any worker starts; returns the base model path."""
+def check_config(
+    config: TrainConfig, labels: tuple[str, ...], cluster: dict[str, float], autoscaling: bool = False
+) -> str:
+    """Fail fast with a clear message before any worker starts; returns the base model path.
+
+    On an autoscaling cluster (``CT_RAY_AUTOSCALING``, e.g. KubeRay with GPU workers scaled to
+    zero) missing CPUs/GPUs are only logged: the workers' pending placement group makes the
+    autoscaler add nodes.
+    """
     base = Path(config.base_model or Settings().resolved_base_model())
     if not (base / "config.json").is_file():
         raise TrainConfigError(
@@ -453,10 +460,17 @@ def check_config(config: TrainConfig, labels: tuple[str, ...], cluster: dict[str
     for resource, amount in per_worker.items():
         capacity = cluster.get(resource, 0.0)
         if config.num_workers * amount > capacity + 1e-9:
-            raise TrainConfigError(
+            shortfall = (
                 f"{config.num_workers} workers x {amount} {resource} = {config.num_workers * amount} "
-                f"{resource}, but the Ray cluster has {capacity:g}; lower num_workers or "
-                f"{'cpus_per_worker' if resource == 'CPU' else 'use_gpu'}, or add nodes"
+                f"{resource}, but the Ray cluster has {capacity:g} now"
+            )
+            if autoscaling:
+                log.warning("%s; waiting for the autoscaler to add nodes", shortfall)
+                continue
+            raise TrainConfigError(
+                f"{shortfall}; lower num_workers or "
+                f"{'cpus_per_worker' if resource == 'CPU' else 'use_gpu'}, or add nodes "
+                "(on an autoscaling cluster set CT_RAY_AUTOSCALING=true)"
             )
     model_config = json.loads((base / "config.json").read_text())
     head_labels = _fine_tuned_labels(model_config)
@@ -501,7 +515,7 @@ def run_training(settings: Settings, config: TrainConfig, result_key: str) -> di
         data_window_days=config.data_window_days,
         store=store,
     )
-    base_model = check_config(config, splits.labels, ray.cluster_resources())
+    base_model = check_config(config, splits.labels, ray.cluster_resources(), settings.ray_autoscaling)
     train_rows = len(read_parquet(store, splits.train))
     steps_per_epoch = max(1, math.ceil(train_rows / (config.batch_size * config.num_workers)))
     steps_per_epoch = max(

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_files(pins)
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale: run python scripts/image_requirements.py", file=sys.stderr)
+            hint = "run python scripts/image_requirements.py (make image-requirements)"
+            print(f"{path.relative_to(ROOT)} is stale: {hint}", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
         image = path.stem.removeprefix("requirements-")

@@ -106,3 +106,12 @@ def test_stratified_split_is_deterministic_and_keeps_every_label():
     assert all(set(first[k]["label"]) == set(LABELS) for k in first)
     texts = [set(first[k]["text"]) for k in first]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+
+
+def test_an_autoscaling_cluster_may_lack_the_resources_now(caplog):
+    gpu_job = config(num_workers=2, use_gpu=True)
+    with pytest.raises(TrainConfigError, match="CT_RAY_AUTOSCALING"):
+        check_config(gpu_job, LABELS, {"CPU": 2.0})
+    with caplog.at_level("WARNING", logger="ml.train"):
+        assert check_config(gpu_job, LABELS, {"CPU": 2.0}, autoscaling=True)
+    assert "2.0 GPU, but the Ray cluster has 0 now; waiting for the autoscaler" in caplog.text
