@@ -215,9 +215,12 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def airflow_side_imports() -> set[str]:
-    """Third-party top-level modules the DAGs and plugins import, following the project's modules."""
-    todo = [*sorted((ROOT / "dags").glob("*.py")), *sorted((ROOT / "plugins").rglob("*.py"))]
+def _third_party_imports(start: list[Path], shallow: set[str]) -> set[str]:
+    """Third-party top-level modules ``start`` imports, following the project's modules.
+
+    Modules in ``shallow`` count with their top-level imports only (their bodies run elsewhere).
+    """
+    todo = list(start)
     seen_files: set[Path] = set()
     third_party: set[str] = set()
     while todo:
@@ -226,7 +229,7 @@ def airflow_side_imports() -> set[str]:
             continue
         seen_files.add(path)
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        names = _top_level_imports(path) if module in RAY_SIDE else _imports(path)
+        names = _top_level_imports(path) if module in shallow else _imports(path)
         for name in names:
             top = name.split(".")[0]
             if top in {"ml", "serve", "ct_airflow"}:
@@ -236,6 +239,27 @@ def airflow_side_imports() -> set[str]:
             elif top not in sys.stdlib_module_names and top != "__future__":
                 third_party.add(top)
     return third_party
+
+
+def airflow_side_imports() -> set[str]:
+    """What the DAGs and plugins import, and the project modules their tasks use."""
+    start = [*sorted((ROOT / "dags").glob("*.py")), *sorted((ROOT / "plugins").rglob("*.py"))]
+    return _third_party_imports(start, shallow=RAY_SIDE)
+
+
+def _missing_from(image: str, imports: set[str]) -> dict[str, list[str] | None]:
+    dists = md.packages_distributions()
+    closure = _closure(_image_requirements(image))
+    return {m: dists.get(m) for m in imports if not {_norm(d) for d in dists.get(m, [])} & closure}
+
+
+def test_the_ray_image_has_every_package_ray_jobs_and_serve_import() -> None:
+    """Training/evaluation jobs and the Serve app, with everything of ml/ and serve/ they import."""
+    imports = _third_party_imports([_module_file(m) for m in sorted(RAY_SIDE)], shallow=set())
+    assert {"torch", "transformers", "deepspeed", "ray", "mlflow"} <= imports
+    assert not imports & {"airflow", "great_expectations", "evidently"}, "Airflow-side code on Ray"
+    missing = _missing_from("ray", imports)
+    assert not missing, f"imported on the Ray side but not in docker/requirements-ray.txt: {missing}"
 
 
 def test_the_airflow_image_has_every_package_the_airflow_side_imports() -> None:
@@ -252,9 +276,7 @@ def test_the_airflow_image_has_every_package_the_airflow_side_imports() -> None:
             and ".".join(p.relative_to(ROOT).with_suffix("").parts) not in RAY_SIDE
         ]
         assert not callers, f"{function}() needs {package}, which the Airflow image lacks: {callers}"
-    dists = md.packages_distributions()
-    closure = _airflow_closure()
-    missing = {m: dists.get(m) for m in imports if not {_norm(d) for d in dists.get(m, [])} & closure}
+    missing = _missing_from("airflow", imports)
     assert not missing, f"imported on the Airflow side but not in docker/requirements-airflow.txt: {missing}"
 
 
