@@ -49,7 +49,7 @@ from typing import Any
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA, dataset_from_events
-from ct_airflow.dag_defaults import dataset_param, default_args
+from ct_airflow.dag_defaults import dataset_param, default_args, env_flag, env_int
 from ct_airflow.failures import skip
 from ct_airflow.links import (
     DataDocsLink,
@@ -100,8 +100,21 @@ def _settings(context: Any) -> Any:
         ),
         "learning_rate": Param(1e-4, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate"),
         "batch_size": Param(16, type="integer", minimum=1, maximum=1024, title="Micro-batch per worker"),
-        "num_workers": Param(2, type="integer", minimum=1, maximum=64, title="Ray Train workers"),
-        "use_gpu": Param(False, type="boolean", title="One GPU per worker"),
+        # Defaults of scheduled runs come from the deployment: a GPU box sets CT_TRAIN_USE_GPU=true.
+        "num_workers": Param(
+            env_int("CT_TRAIN_NUM_WORKERS", 2),
+            type="integer",
+            minimum=1,
+            maximum=64,
+            title="Ray Train workers",
+            description="Default: CT_TRAIN_NUM_WORKERS (2).",
+        ),
+        "use_gpu": Param(
+            env_flag("CT_TRAIN_USE_GPU", False),
+            type="boolean",
+            title="One GPU per worker",
+            description="Default: CT_TRAIN_USE_GPU (false).",
+        ),
         "zero_stage": Param(
             2,
             type="integer",

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         description="Address the Serve HTTP proxy listens on, when the deploy task starts the application "
         "from serve/config.yaml; empty = as written there (127.0.0.1). 0.0.0.0 in a container.",
     )
+    serve_num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per Serve replica when the deploy task starts the application from "
+        "serve/config.yaml (e.g. 1, or 0.5 for two replicas per GPU); empty = as written there (0).",
+    )
     rayservice_name: str = Field("classifier", description="RayService the deploy task patches (rayservice).")
     k8s_namespace: str = Field(
         "", description="Namespace of the RayService; empty = the pod's own namespace (else 'default')."

@@ -313,6 +313,10 @@ class ServeDeployer:
             config["applications"] = ours
             if host := self.settings.serve_http_host:  # in a container: listen beyond loopback
                 config["http_options"] = {**(config.get("http_options") or {}), "host": host}
+            if (gpus := self.settings.serve_num_gpus) is not None:
+                for deployment in ours[0].get("deployments", []):
+                    options = deployment.get("ray_actor_options") or {}
+                    deployment["ray_actor_options"] = {**options, "num_gpus": gpus}
         return config
 
     def deploy(self, version: str | int, model_name: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Cheap at parse time (standard library and ``airflow.sdk`` only).
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -33,3 +34,26 @@ def dataset_param(purpose: str) -> Param:
         title="Dataset",
         description=f"Dataset under raw/ to {purpose}; empty uses CT_DATASET (default agnews).",
     )
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer DAG default from the environment (e.g. the box's GPU count), or a clear error."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean DAG default from the environment: true/false, 1/0, yes/no."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in {"1", "true", "yes"}:
+        return True
+    if value in {"0", "false", "no"}:
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -456,13 +456,25 @@ def test_the_containers_get_the_same_settings_as_the_local_stack() -> None:
     airflow_env = services["airflow-scheduler"]["environment"]
     ray_env = services["ray-head"]["environment"]
     fields = {f"CT_{name.upper()}" for name in Settings.model_fields}
+    dag_env = dag_environment()
     ct_keys = {key for key in airflow_env if key.startswith("CT_")}
-    assert ct_keys - EXTRA_ENV <= fields, f"not settings: {ct_keys - EXTRA_ENV - fields}"
+    unknown = ct_keys - EXTRA_ENV - fields - dag_env
+    assert not unknown, f"neither settings nor read by a DAG: {unknown}"
     assert {key: airflow_env[key] for key in ct_keys} == {key: ray_env.get(key) for key in ct_keys}
-    settings = Settings(**{key[3:].lower(): airflow_env[key] for key in ct_keys - EXTRA_ENV})
+    settings = Settings(**{key[3:].lower(): airflow_env[key] for key in ct_keys & fields})
     assert settings.serve_target == "serve-api" and settings.serve_http_host == "0.0.0.0"
     assert settings.s3_endpoint == "minio:9000"
     assert ray_env["RAY_AUTH_MODE"] == "token" and ray_env["RAY_AUTH_TOKEN"] == airflow_env["RAY_AUTH_TOKEN"]
+
+
+def dag_environment() -> set[str]:
+    """CT_* variables the DAG files read themselves (schedules, defaults of scheduled runs)."""
+    pattern = re.compile(r"(?:environ\.get|env_int|env_flag)\(\s*\"(CT_[A-Z0-9_]+)\"")
+    return {name for path in (ROOT / "dags").glob("*.py") for name in pattern.findall(path.read_text())}
+
+
+def test_dag_defaults_from_the_environment_are_found() -> None:
+    assert {"CT_TRAINING_SCHEDULE", "CT_TRAIN_USE_GPU", "CT_TRAIN_NUM_WORKERS"} <= dag_environment()
 
 
 def test_published_ports_bind_the_configured_address_only() -> None:

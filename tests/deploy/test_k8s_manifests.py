@@ -41,7 +41,12 @@ RAY_KINDS = {"RayCluster", "RayService"}
 RAYSERVICE_UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
 # CT_* variables the code reads from the environment itself, not through ml.settings.Settings:
 # name -> the file that reads it (checked, so the list cannot outlive the code).
-DIRECT_CT_VARIABLES = {"CT_SERVE_API_TOKEN": "serve/app.py"}
+DIRECT_CT_VARIABLES = {
+    "CT_SERVE_API_TOKEN": "serve/app.py",
+    # defaults of scheduled training runs, read by the DAG file itself
+    "CT_TRAIN_USE_GPU": "dags/continuous_training.py",
+    "CT_TRAIN_NUM_WORKERS": "dags/continuous_training.py",
+}
 # Kubernetes versions to validate against: the oldest we support and the newest bundled schemas.
 K8S_VERSIONS = sorted({"1.30", kubernetes_validate.latest_version().rsplit(".", 1)[0]})
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
@@ -338,7 +343,7 @@ def settings_variables() -> set[str]:
 
 
 def test_configmap_and_env_use_only_settings_fields():
-    known = settings_variables()
+    known = settings_variables() | set(DIRECT_CT_VARIABLES)
     config = one("ConfigMap", "ct-settings")["data"]
     unknown = {key for key in config if key.startswith("CT_")} - known
     assert not unknown, f"ct-settings has CT_ keys that ml.settings.Settings does not read: {sorted(unknown)}"

@@ -65,3 +65,21 @@ def test_report_viewer_serves_reports_only(key):
     with pytest.raises(HTTPException) as err:
         report_response(key)
     assert err.value.status_code == 404
+
+
+def test_dag_defaults_from_the_environment(monkeypatch):
+    from ct_airflow.dag_defaults import env_flag, env_int
+
+    monkeypatch.delenv("CT_TRAIN_NUM_WORKERS", raising=False)
+    assert env_int("CT_TRAIN_NUM_WORKERS", 2) == 2
+    monkeypatch.setenv("CT_TRAIN_NUM_WORKERS", "4")
+    assert env_int("CT_TRAIN_NUM_WORKERS", 2) == 4
+    monkeypatch.setenv("CT_TRAIN_NUM_WORKERS", "four")
+    with pytest.raises(ValueError, match="CT_TRAIN_NUM_WORKERS must be an integer, got 'four'"):
+        env_int("CT_TRAIN_NUM_WORKERS", 2)
+    for value, expected in [("true", True), ("1", True), ("No", False), ("", True)]:
+        monkeypatch.setenv("CT_TRAIN_USE_GPU", value)
+        assert env_flag("CT_TRAIN_USE_GPU", True) is expected
+    monkeypatch.setenv("CT_TRAIN_USE_GPU", "gpu")
+    with pytest.raises(ValueError, match="CT_TRAIN_USE_GPU must be true or false"):
+        env_flag("CT_TRAIN_USE_GPU", False)

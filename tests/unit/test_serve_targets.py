@@ -173,3 +173,15 @@ def test_serve_http_host_opens_the_proxy_when_starting_from_the_file() -> None:
     config = ServeDeployer(Settings(serve_http_host="0.0.0.0")).build_config(None, "1")
     assert config["http_options"]["host"] == "0.0.0.0"
     assert config["http_options"]["port"] == 8000
+
+
+def test_serve_num_gpus_puts_replicas_on_gpus_when_starting_from_the_file() -> None:
+    def gpus(config: dict) -> float:
+        return config["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"]
+
+    assert gpus(ServeDeployer(Settings()).build_config(None, "1")) == 0
+    started = ServeDeployer(Settings(serve_num_gpus=0.5)).build_config(None, "1")
+    assert gpus(started) == 0.5
+    # a running application keeps its own resources (edits made with `serve deploy` survive)
+    running = ServeDeployer(Settings()).build_config(None, "1")
+    assert gpus(ServeDeployer(Settings(serve_num_gpus=1)).build_config(running, "2")) == 0
