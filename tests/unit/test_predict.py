@@ -142,3 +142,19 @@ def test_missing_label_map_and_default_max_length(export_dir, tmp_path):
         TextClassifier.from_dir(no_map, device="cpu")
     no_config = _linked_copy(export_dir, tmp_path / "no_config", skip="training_config.json")
     assert TextClassifier.from_dir(no_config, device="cpu").max_length == DEFAULT_MAX_LENGTH
+
+
+def test_device_and_dtype_follow_the_hardware_unless_configured():
+    """The GPU path's choices, checked where no GPU is: fp16 on CUDA, fp32 on CPU, names accepted."""
+    import torch
+
+    from ml.predict import resolve_device, resolve_dtype
+
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype(torch.float32, torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="float8"):
+        resolve_dtype("float8", torch.device("cpu"))
