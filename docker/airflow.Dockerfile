@@ -18,6 +18,9 @@ ENV PYTHONPATH=/opt/ct/src \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False
+# the simple auth manager's password file lives here (a named volume in docker/compose.yaml takes
+# this directory's owner when first mounted)
+RUN mkdir -p /opt/airflow/auth
 COPY --chown=airflow:0 ml /opt/ct/src/ml
 COPY --chown=airflow:0 serve /opt/ct/src/serve
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
