@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.deploy import requirement_pin
+
 ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW_SIDE_TESTS = [
     "tests/dags",
@@ -28,12 +30,6 @@ AIRFLOW_SIDE_TESTS = [
     "tests/unit/test_settings.py",
     "tests/unit/test_prediction_log.py",
 ]
-
-
-def _pin(name: str) -> str:
-    match = re.search(rf"^{re.escape(name)}==\S+", (ROOT / "requirements.txt").read_text(), re.M)
-    assert match, f"{name} is not pinned in requirements.txt"
-    return match.group(0)
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -54,7 +50,8 @@ def test_the_airflow_side_runs_on_the_airflow_image_packages_alone(tmp_path: Pat
     find_links = ["--find-links", links] if links else []
     requirements = ["-r", str(ROOT / "docker/requirements-airflow.txt"), "-c", str(ROOT / "constraints.txt")]
     install = [str(uv), "pip", "install", "-q", "--python", str(python), *find_links, *requirements]
-    _run([*install, _pin("pytest"), _pin("pytest-timeout")], timeout=600)
+    pins = [f"{name}=={requirement_pin(name)}" for name in ("pytest", "pytest-timeout")]
+    _run([*install, *pins], timeout=600)
     probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m)))"
     modules = ["torch", "transformers", "deepspeed", "airflow", "great_expectations", "evidently"]
     present = _run([str(python), "-c", probe, *modules], timeout=60).stdout.split()

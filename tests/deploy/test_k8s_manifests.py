@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from ml.settings import Settings
+from tests.deploy import requirement_pin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "docker" / "k8s"
@@ -104,14 +105,6 @@ def containers(node: Any) -> Iterator[dict[str, Any]]:
     elif isinstance(node, list):
         for item in node:
             yield from containers(item)
-
-
-def requirement_pin(package: str) -> str:
-    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
-        match = re.match(rf"^{re.escape(package)}(\[[^\]]*\])?==([^\s#]+)", line)
-        if match:
-            return match.group(2)
-    raise AssertionError(f"requirements.txt pins no {package}")
 
 
 def image_name(image: str) -> str:
