@@ -178,8 +178,8 @@ def settings_env(settings: Settings, include_secrets: bool = False) -> dict[str,
     """
     env = {}
     for name, value in settings.model_dump(mode="json").items():
-        if name == "state_dir" or (name in SECRET_FIELDS and not include_secrets):
-            continue
+        if name == "state_dir" or value is None or (name in SECRET_FIELDS and not include_secrets):
+            continue  # None: unset, the receiving side's default applies
         if isinstance(value, list | tuple):
             value = ",".join(value)
         env[f"CT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

@@ -40,3 +40,18 @@ def test_bad_configuration_is_rejected_with_the_field_named(monkeypatch, env, me
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_settings_handed_to_a_ray_job_read_back_the_same(monkeypatch):
+    """What settings_env gives a Ray job / Serve replica must load there (no 'None' strings)."""
+    import os
+
+    from ml.settings import settings_env
+
+    tuned = Settings(serve_num_gpus=0.5, serve_target="rayservice", ray_autoscaling=True)
+    for configured in (tuned, Settings()):
+        for key in [k for k in os.environ if k.startswith("CT_")]:
+            monkeypatch.delenv(key)
+        for key, value in settings_env(configured, include_secrets=True).items():
+            monkeypatch.setenv(key, value)
+        assert Settings() == configured
