@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from ml.settings import Settings
 
@@ -137,19 +138,15 @@ def _constraints() -> dict[str, str]:
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             req = Requirement(line)
-            pins[_norm(req.name)] = str(req.specifier)
+            pins[canonicalize_name(req.name)] = str(req.specifier)
     return pins
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.mark.parametrize("image", ["airflow", "ray", "mlflow"])
 def test_image_pins_agree_with_the_constraints_the_tests_ran_with(image: str) -> None:
     constraints = _constraints()
     for req in _image_requirements(image):
-        assert constraints.get(_norm(req.name)) == str(req.specifier), f"{req} vs constraints.txt"
+        assert constraints.get(canonicalize_name(req.name)) == str(req.specifier), f"{req} vs constraints.txt"
 
 
 def _closure(requirements: list[Requirement]) -> set[str]:
@@ -158,7 +155,7 @@ def _closure(requirements: list[Requirement]) -> set[str]:
     todo = [(req, frozenset(req.extras)) for req in requirements]
     while todo:
         req, extras = todo.pop()
-        name = _norm(req.name)
+        name = canonicalize_name(req.name)
         key = f"{name}[{','.join(sorted(extras))}]"
         if key in seen:
             continue
@@ -185,20 +182,11 @@ def test_the_airflow_image_pulls_in_no_torch() -> None:
     assert "torch" in _closure(_image_requirements("ray"))
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
-
-
-def _top_level_imports(path: Path) -> set[str]:
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Absolute imports of ``path``: all of them, or only the module-level ones."""
     tree = ast.parse(path.read_text())
     names = set()
-    for node in tree.body:
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -229,7 +217,7 @@ def _third_party_imports(start: list[Path], shallow: set[str]) -> set[str]:
             continue
         seen_files.add(path)
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        names = _top_level_imports(path) if module in shallow else _imports(path)
+        names = _imports(path, top_level_only=module in shallow)
         for name in names:
             top = name.split(".")[0]
             if top in {"ml", "serve", "ct_airflow"}:
@@ -250,7 +238,8 @@ def airflow_side_imports() -> set[str]:
 def _missing_from(image: str, imports: set[str]) -> dict[str, list[str] | None]:
     dists = md.packages_distributions()
     closure = _closure(_image_requirements(image))
-    return {m: dists.get(m) for m in imports if not {_norm(d) for d in dists.get(m, [])} & closure}
+    owners = {m: {canonicalize_name(d) for d in dists.get(m, [])} for m in imports}
+    return {m: dists.get(m) for m in imports if not owners[m] & closure}
 
 
 def test_the_ray_image_has_every_package_ray_jobs_and_serve_import() -> None:
