@@ -36,7 +36,7 @@ lint: ## ruff (with the Airflow AIR rules) and format check
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
 
-test: setup lint ## Lint, then unit, DAG and integration tests (starts and stops the stack)
+test: setup lint ## Lint, then unit, DAG, docker/ static and integration tests (starts and stops the stack)
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup ## Unit and DAG tests only (no services)
