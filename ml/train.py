@@ -29,7 +29,8 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +43,24 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "zero"
 STATE_FILE = "train_state.json"
 INJECTED_FAILURE = "injected failure (TrainConfig.fail_after_epoch) to test resume-from-checkpoint"
+# The only non-tensor types DeepSpeed 0.19 pickles into its checkpoints (the ZeRO 1-3 optimizer
+# states, the fp16/bf16 optimizers): found with torch.serialization.get_unsafe_globals_in_checkpoint
+# on checkpoints of every stage. Everything else in them is tensors, numbers, strings, lists, dicts.
+DEEPSPEED_CHECKPOINT_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 class TrainConfigError(ValueError):
     """A training configuration that cannot work; raised before anything is started."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects beyond tensors and DEEPSPEED_CHECKPOINT_TYPES."""
 
 
 class TrainConfig(BaseModel):
@@ -244,8 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
     state = {"epoch": 0, "best_val_macro_f1": -1.0, "epochs_without_improvement": 0, "history": []}
     restored = session.latest_checkpoint()
     if restored is not None:
-        engine.load_checkpoint(str(restored), tag=CHECKPOINT_TAG)
-        state = json.loads((restored / STATE_FILE).read_text())
+        state = restore_checkpoint(engine, restored)
         if rank == 0:
             log.info("resumed from checkpoint after epoch %d", state["epoch"])
 
@@ -295,6 +309,53 @@ def train_loop_per_worker(loop_config: dict[str, Any], session: _Session | None 
         # Nothing trained (epochs=0): still report a checkpoint so the run has a model to export.
         untrained = {"epoch": 0, "val_macro_f1": -1.0, "early_stop": False}
         _checkpoint_and_report(engine, tokenizer, model, state, untrained, session)
+
+
+@contextmanager
+def tensors_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's own included, loads tensors and allow-listed types only.
+
+    Checkpoints live in the data bucket, which other parties write to: unpickling whatever a
+    checkpoint file holds would run their code. DeepSpeed's checkpoint engine and ``zero_to_fp32``
+    call ``torch.load(weights_only=False)``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides
+    that argument on every call, and ``safe_globals`` admits DeepSpeed's few non-tensor types.
+    """
+    import pickle
+
+    import torch
+
+    allowed = [_import_type(name) for name in DEEPSPEED_CHECKPOINT_TYPES]
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"refused to load a checkpoint: it holds pickled objects that are not tensors or one of "
+            f"{DEEPSPEED_CHECKPOINT_TYPES} (tampered with, or written by another DeepSpeed version): {err}"
+        ) from err
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def _import_type(dotted: str) -> type:
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def restore_checkpoint(engine, directory: Path) -> dict[str, Any]:
+    """Load this rank's ZeRO shards into ``engine`` (tensors only) and return the saved loop state."""
+    with tensors_only_loading():
+        load_path, _ = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    if load_path is None:
+        raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint tagged {CHECKPOINT_TAG!r}")
+    return json.loads((directory / STATE_FILE).read_text())
 
 
 def _checkpoint_and_report(
@@ -631,15 +692,15 @@ def export_checkpoint(
 
     with tempfile.TemporaryDirectory(prefix="ct-best-") as tmp:
         local = Path(checkpoint.to_directory(tmp))
-        if config.zero_stage == 0:
-            # Stage 0 keeps the whole module in one file; it is our own checkpoint, not user input.
-            import torch
+        with tensors_only_loading():
+            if config.zero_stage == 0:
+                # Stage 0 keeps the whole module in one file.
+                import torch
 
-            state_dict = torch.load(
-                local / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-            )["module"]
-        else:
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=CHECKPOINT_TAG)
+                model_states = local / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+                state_dict = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+            else:
+                state_dict = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=CHECKPOINT_TAG)
         model_config = AutoConfig.from_pretrained(local)
         model = AutoModelForSequenceClassification.from_config(model_config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
