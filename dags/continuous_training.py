@@ -350,10 +350,12 @@ def continuous_training() -> None:
             )
         settings = _settings(get_current_context())
         try:
-            result = ServeDeployer(settings).deploy(outcome["version"], model_name=outcome["name"])
+            result = ServeDeployer(settings).deploy(
+                outcome["version"], model_name=outcome["name"], run_id=outcome.get("run_id")
+            )
         except DeployError as err:
             raise AirflowFailException(str(err)) from err
-        return {"name": outcome["name"], **result}
+        return result
 
     @task(retries=0)  # a retry after a rollback would re-test the old version: see NO_RETRY in the tests
     def smoke_test(deployed: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
@@ -367,16 +369,14 @@ def continuous_training() -> None:
         context = get_current_context()
         settings = _settings(context)
         expected = ObjectStore(settings).get_json(summary["evaluation_key"]).get("smoke")
-        deployer = ServeDeployer(settings)
         version = deployed["version"]
         try:
-            report = deployer.smoke_test(version, expected)
+            report = ServeDeployer(settings).verify(deployed, expected)  # rolls back on failure
         except DeployError as err:
-            try:
-                deployer.rollback(deployed["previous_config"], deployed["previous_version"], reason=str(err))
-            except DeployError as rolled_back:
-                raise AirflowFailException(str(rolled_back)) from err
-        mark_serving(settings, version, tags={"deployed_by": context["dag_run"].run_id})
+            raise AirflowFailException(str(err)) from err
+        mark_serving(
+            settings, version, name=deployed["name"], tags={"deployed_by": context["dag_run"].run_id}
+        )
         publish_links(context, serve=f"{settings.serve_url}/v1/model")
         log.info(
             "%s v%s is serving at %s/v1/predict (MLflow alias 'serving')",

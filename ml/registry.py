@@ -164,14 +164,17 @@ def resolve_version(client: MlflowClient, name: str, ref: str | int) -> ModelVer
         raise
 
 
-def mark_serving(settings: Settings, version: str, tags: dict[str, Any] | None = None) -> None:
-    """Point the ``serving`` alias at ``version`` and tag it, so the MLflow UI shows what production runs."""
+def mark_serving(
+    settings: Settings, version: str, tags: dict[str, Any] | None = None, name: str | None = None
+) -> None:
+    """Point model ``name``'s ``serving`` alias at ``version`` and tag it, so the MLflow UI shows what
+    production runs. ``name`` defaults to the settings' registered model."""
     from datetime import UTC, datetime
 
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
-    name = settings.registered_model
+    name = name or settings.registered_model
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     for key, value in {"deployed_at": stamp, **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, str(value))
@@ -269,6 +272,7 @@ def register_challenger(
     return {
         "name": name,
         "version": str(version.version),
+        "run_id": version.run_id,
         "promoted": promote,
         "forced": forced,
         "champion_version": None if current_number is None else str(current_number),

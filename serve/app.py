@@ -40,20 +40,25 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
 
 from serve.schemas import (
+    REQUEST_ID_PATTERN,
+    ErrorBody,
     InputError,
     ModelInfo,
     ModelRef,
     Prediction,
-    PredictRequest,
     PredictResponse,
     ServeOptions,
-    check_texts,
-    describe_validation_errors,
+    check_request_id,
+    max_body_bytes,
+    parse_predict_body,
+    predict_request_schema,
+    quote,
 )
 
 log = logging.getLogger("ray.serve")
@@ -178,6 +183,7 @@ def _replica_id() -> str:
 
 
 def _authorize(request: Request) -> None:
+    """Check the bearer token (when one is configured) before anything else of the request is read."""
     token = os.environ.get(API_TOKEN_ENV)
     if not token:
         return
@@ -187,6 +193,35 @@ def _authorize(request: Request) -> None:
         raise InputError(401, "this endpoint needs 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise InputError(401, "wrong bearer token")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InputError(400, f"Content-Length must be a number of bytes, got {quote(declared)}")
+        if int(declared) > limit:
+            raise InputError(413, f"the body has {declared} bytes; the limit is {limit} bytes")
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise InputError(
+            415, f"send the body as JSON with 'Content-Type: application/json', not {quote(ctype)}"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(413, f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class _ItemFailed:
+    """A batch item that failed on its own (after the batch was split): only its request fails."""
+
+    error: BaseException
 
 
 # --------------------------------------------------------------------------------------
@@ -201,16 +236,69 @@ api = FastAPI(
 )
 
 
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed JSON or a malformed X-Request-ID"},
+    401: {
+        "model": ErrorBody,
+        "description": "Missing or wrong bearer token (when CT_SERVE_API_TOKEN is set)",
+    },
+    413: {"model": ErrorBody, "description": "Too many texts in one request, or a body over the size limit"},
+    415: {"model": ErrorBody, "description": "A body that is not JSON"},
+    422: {
+        "model": ErrorBody,
+        "description": "A body that breaks the schema: every problem named (10 at most)",
+    },
+    503: {"model": ErrorBody, "description": "No model loaded yet, or the service is overloaded"},
+}
+# The limits the OpenAPI document states: this replica's (max_texts_per_request, max_text_chars).
+_contract_limits: tuple[int, int] = (ServeOptions().max_texts_per_request, ServeOptions().max_text_chars)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document, with the request body and limits that ``/v1/predict`` really enforces."""
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        predict = schema["paths"]["/v1/predict"]["post"]
+        predict["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": predict_request_schema(*_contract_limits)}},
+        }
+        predict["parameters"] = [
+            {
+                "name": "X-Request-ID",
+                "in": "header",
+                "required": False,
+                "description": "Your id for this request: echoed as `request_id`, kept in the log.",
+                "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN, "maxLength": 128},
+            }
+        ]
+        if os.environ.get(API_TOKEN_ENV):
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+            for path in ("/v1/predict", "/v1/model"):
+                for operation in schema["paths"][path].values():
+                    operation["security"] = [{"bearer": []}]
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    status, message = describe_validation_errors(list(exc.errors()))
-    return JSONResponse({"detail": message}, status_code=status)
+    problems = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    error = InputError(422, problems[0] if problems else "invalid request", problems)
+    return JSONResponse(error.body(), status_code=422)
 
 
 @api.exception_handler(InputError)
 async def _refused(request: Request, exc: InputError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @serve.deployment(
@@ -225,6 +313,7 @@ class Classifier:
         self._model: LoadedModel | None = None
         self._options: ServeOptions | None = None
         self._load_error: str | None = None
+        self._failed_request: str | None = None
         self._threads = 0
         self._reload_lock = asyncio.Lock()
         self._prediction_log = None
@@ -235,10 +324,10 @@ class Classifier:
             "ct_serve_request_latency_ms",
             description="Inference latency of a request in the replica (batch wait + forward passes).",
             boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=("model_version",),
+            tag_keys=("model_name", "model_version"),
         )
         self._texts = metrics.Counter(
-            "ct_serve_texts", description="Texts classified.", tag_keys=("model_version",)
+            "ct_serve_texts", description="Texts classified.", tag_keys=("model_name", "model_version")
         )
         self._model_info = metrics.Gauge(
             "ct_serve_model_info",
@@ -258,7 +347,10 @@ class Classifier:
     # ---- configuration ------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        global _contract_limits
         options = ServeOptions.model_validate(user_config or {})
+        if _contract_limits != (limits := (options.max_texts_per_request, options.max_text_chars)):
+            _contract_limits, api.openapi_schema = limits, None
         self._classify.set_max_batch_size(options.max_batch_size)
         self._classify.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self._threads = options.torch_threads or _assigned_cpus()
@@ -276,6 +368,7 @@ class Classifier:
             except Exception as err:
                 self._load_failures.inc()
                 self._load_error = f"{options.reference()}: {type(err).__name__}: {err}"
+                self._failed_request = options.reference()
                 if self._model is None:
                     raise  # nothing to fall back to: the replica must not start
                 log.error(
@@ -286,7 +379,7 @@ class Classifier:
                     self._load_error,
                 )
                 return
-            old, self._model, self._load_error = self._model, model, None
+            old, self._model, self._load_error, self._failed_request = self._model, model, None, None
             if old is not None:
                 self._model_info.set(0, tags={"model_name": old.name, "model_version": old.version})
             self._model_info.set(1, tags={"model_name": model.name, "model_version": model.version})
@@ -338,9 +431,15 @@ class Classifier:
             {"status": "ready", "model": {"name": self._model.name, "version": self._model.version}}
         )
 
-    @api.get("/v1/model", summary="The model this replica serves", response_model=ModelInfo)
-    async def model_info(self) -> ModelInfo:
-        model, options = self._require_model(), self._options
+    @api.get(
+        "/v1/model",
+        summary="The model this replica serves",
+        response_model=ModelInfo,
+        responses={code: ERROR_RESPONSES[code] for code in (401, 503)},
+    )
+    async def model_info(self, request: Request) -> ModelInfo:
+        _authorize(request)
+        model, options = self._require_model(), self._options or ServeOptions()
         classifier = model.classifier
         return ModelInfo(
             name=model.name,
@@ -354,6 +453,7 @@ class Classifier:
             loaded_at=model.loaded_at,
             requested=options.reference(),
             last_load_error=self._load_error,
+            failed_request=self._failed_request,
             limits={
                 "max_texts_per_request": options.max_texts_per_request,
                 "max_text_chars": options.max_text_chars,
@@ -368,24 +468,33 @@ class Classifier:
         summary="Classify texts",
         response_model=PredictResponse,
         response_model_exclude_none=True,
-        responses={
-            400: {"description": "Malformed JSON"},
-            401: {"description": "Missing or wrong bearer token (when CT_SERVE_API_TOKEN is set)"},
-            413: {"description": "Too many texts in one request"},
-            422: {"description": "Empty, non-string or too long text"},
-        },
+        responses={code: ERROR_RESPONSES[code] for code in (400, 401, 413, 415, 422, 503)},
     )
-    async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
-        _authorize(request)
-        options = self._options
-        texts = check_texts(body.items(), options.max_texts_per_request, options.max_text_chars)
+    async def predict(self, request: Request) -> PredictResponse:
+        """Body: ``{"texts": [...]}`` or ``{"text": "..."}`` (the schema below has the limits)."""
+        _authorize(request)  # first: an unauthenticated body is never read
+        options = self._options or ServeOptions()
+        request_id = check_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
+        limits = (options.max_texts_per_request, options.max_text_chars)
+        raw = await _read_body(request, max_body_bytes(*limits))
+        if len(raw) > 256 * 1024:  # parsing a big body must not stall the event loop of other requests
+            body = await asyncio.to_thread(parse_predict_body, raw, *limits)
+        else:
+            body = parse_predict_body(raw, *limits)
+        texts = body.texts
         model = self._require_model()  # one model for the whole request, even during a swap
         started = time.perf_counter()
         rows = await asyncio.gather(*(self._classify((text, model)) for text in texts))
-        self._request_latency.observe(
-            (time.perf_counter() - started) * 1000, tags={"model_version": model.version}
-        )
-        self._texts.inc(len(texts), tags={"model_version": model.version})
+        failed = [(i, row.error) for i, row in enumerate(rows) if isinstance(row, _ItemFailed)]
+        if failed:
+            i, err = failed[0]
+            where = "text" if len(texts) == 1 else f"texts[{i}]"
+            raise InputError(
+                500, f"{where} could not be classified: {type(err).__name__}: {quote(str(err), 160)}"
+            )
+        tags = {"model_name": model.name, "model_version": model.version}
+        self._request_latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+        self._texts.inc(len(texts), tags=tags)
         labels = model.classifier.labels
         all_scores = body.return_all_scores or options.return_all_scores
         predictions = []
@@ -400,34 +509,53 @@ class Classifier:
                     else None,
                 )
             )
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         self._capture(request_id, model, texts, predictions, rows)
         return PredictResponse(
-            model=ModelRef(name=model.name, version=model.version),
+            model=ModelRef(name=model.name, version=model.version, run_id=model.run_id),
             request_id=request_id,
             predictions=predictions,
         )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _classify(self, items: list[tuple[str, LoadedModel]]) -> list[np.ndarray]:
+    async def _classify(self, items: list[tuple[str, LoadedModel]]) -> list[np.ndarray | _ItemFailed]:
         """Class probabilities for a batch of (text, model) items, in order.
 
         Items carry their model: during a swap one batch may mix requests that started on the old
-        model with requests on the new one; each group runs on its own model.
+        model with requests on the new one; each group runs on its own model. Texts of different
+        requests share this batch, so one text that breaks the forward pass must not fail the
+        others: a failing group is split in halves and retried, down to the single items that fail
+        on their own, which come back as :class:`_ItemFailed` (their requests get the error).
         """
         self._batch_size.observe(len(items))
-        out: list[np.ndarray | None] = [None] * len(items)
+        out: list[np.ndarray | _ItemFailed | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         for i, (_, model) in enumerate(items):
             groups.setdefault(id(model), []).append(i)
         for indices in groups.values():
             model = items[indices[0]][1]
             texts = [items[i][0] for i in indices]
-            # in a thread: the event loop keeps accepting requests (and filling the next batch)
-            probs = await asyncio.to_thread(_infer, model.classifier, texts, self._threads)
-            for i, row in zip(indices, probs, strict=True):
+            for i, row in zip(indices, await self._infer_isolated(model, texts), strict=True):
                 out[i] = row
         return out
+
+    async def _infer_isolated(self, model: LoadedModel, texts: list[str]) -> list[np.ndarray | _ItemFailed]:
+        try:
+            # in a thread: the event loop keeps accepting requests (and filling the next batch)
+            return list(await asyncio.to_thread(_infer, model.classifier, texts, self._threads))
+        except Exception as err:
+            if len(texts) == 1:
+                log.warning(
+                    "a text failed on its own (%d chars): %s: %s", len(texts[0]), type(err).__name__, err
+                )
+                return [_ItemFailed(err)]
+            log.warning(
+                "a batch of %d texts failed (%s); retrying it in halves", len(texts), type(err).__name__
+            )
+            half = len(texts) // 2
+            return [
+                *(await self._infer_isolated(model, texts[:half])),
+                *(await self._infer_isolated(model, texts[half:])),
+            ]
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -446,6 +574,20 @@ class Classifier:
     ) -> None:
         if self._prediction_log is None:
             return
+        try:
+            self._log_predictions(request_id, model, texts, predictions, rows)
+        except Exception:  # the client has its answer; a capture problem must not turn it into a 500
+            log.exception("prediction log: could not buffer %d rows of request %s", len(texts), request_id)
+            self._log_dropped.inc(len(texts))
+
+    def _log_predictions(
+        self,
+        request_id: str,
+        model: LoadedModel,
+        texts: list[str],
+        predictions: list[Prediction],
+        rows: list[np.ndarray],
+    ) -> None:
         import json
 
         now = datetime.now(UTC)
@@ -463,6 +605,7 @@ class Classifier:
                     ),
                     "model_name": model.name,
                     "model_version": model.version,
+                    "model_run_id": model.run_id,
                 }
                 for text, p, probs in zip(texts, predictions, rows, strict=True)
             ]

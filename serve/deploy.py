@@ -12,12 +12,16 @@ stack and docker compose) changes it through the Ray dashboard's Serve REST API 
 the service itself is checked over HTTP at ``CT_SERVE_URL``, with the same smoke test and rollback.
 It imports neither torch nor the model, so it runs in a slim Airflow worker.
 
-A deploy changes only the application's ``user_config.model_version`` (and the ``CT_*`` settings in
-its ``runtime_env``): replicas load the new version beside the old one and swap in place, so
-requests keep being answered. Then it waits until every answer names the new version, and a smoke
-test compares the service's predictions with the offline predictions of the same model. If any
-step fails, the previous application config is put back, the old version is checked to answer,
-and :class:`DeployError` says what failed and what is serving.
+A deploy changes only the application's ``user_config`` model (and the ``CT_*`` settings in its
+``runtime_env``): replicas load the new model beside the old one and swap in place, so requests
+keep being answered. Then it waits until every answer names the new model, and a smoke test
+compares the service's predictions with the offline predictions of the same model. If any step
+fails, the previous application config is put back, the old model is checked to answer, and
+:class:`DeployError` says what failed and what is serving.
+
+A model is identified by **name, version and training run** everywhere here (:class:`ModelId`):
+``B`` v2 is not ``A`` v2, and a registry that was recreated reuses version numbers. A replica that
+reports a load error for the requested model fails the deploy at once.
 """
 
 from __future__ import annotations
@@ -60,17 +64,67 @@ class DeployError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Serving:
-    """What ``GET /v1/model`` says."""
+class ModelId:
+    """A served model's identity: registered name and version, and the run that trained it.
+
+    ``run_id`` None means "not known" (a caller that only knows name and version): it then matches
+    any run. Two known run ids must be equal.
+    """
 
     name: str
     version: str
+    run_id: str | None = None
+
+    def matches(self, other: ModelId) -> bool:
+        same_run = self.run_id is None or other.run_id is None or self.run_id == other.run_id
+        return self.name == other.name and self.version == other.version and same_run
+
+    @property
+    def reference(self) -> str:
+        """How the Serve app's ``user_config`` names it (``ServeOptions.reference``)."""
+        return f"{self.name}@{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}" + (f" (run {self.run_id[:8]})" if self.run_id else "")
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ModelId | None:
+        if not data:
+            return None
+        return cls(str(data["name"]), str(data["version"]), data.get("run_id"))
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``GET /v1/model`` says."""
+
+    model: ModelId
     labels: list[str]
+    requested: str | None
     last_load_error: str | None
+    failed_request: str | None
+
+    @property
+    def version(self) -> str:
+        return self.model.version
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Serving:
-        return cls(data["name"], str(data["version"]), list(data["labels"]), data.get("last_load_error"))
+        return cls(
+            ModelId(str(data["name"]), str(data["version"]), data.get("run_id")),
+            list(data["labels"]),
+            data.get("requested"),
+            data.get("last_load_error"),
+            data.get("failed_request"),
+        )
+
+    def failed_to_load(self, target: ModelId) -> bool:
+        """This replica was asked for ``target`` and could not load it (it serves another model)."""
+        failed = self.failed_request or (self.requested if self.last_load_error else None)
+        return failed == target.reference and not self.model.matches(target)
 
 
 class ServeRestApi:
@@ -256,7 +310,7 @@ class ServeDeployer:
     def serving(self) -> Serving | None:
         """What the service answers with now; None when nothing answers."""
         try:
-            resp = requests.get(f"{self.serve_url}/v1/model", timeout=10)
+            resp = requests.get(f"{self.serve_url}/v1/model", headers=self._headers(), timeout=10)
         except requests.RequestException:
             return None
         if resp.status_code != 200:
@@ -319,41 +373,52 @@ class ServeDeployer:
                     deployment["ray_actor_options"] = {**options, "num_gpus": gpus}
         return config
 
-    def deploy(self, version: str | int, model_name: str | None = None) -> dict[str, Any]:
-        """Point the application at ``version``; wait until it answers with it; roll back on failure.
+    def target(self, version: str | int, model_name: str | None = None, run_id: str | None = None) -> ModelId:
+        return ModelId(model_name or self.settings.registered_model, str(version), run_id)
 
-        Returns ``{"version", "previous_version", "previous_config", "seconds"}``: what
-        :meth:`rollback` needs if a later check (the smoke test) fails.
+    def deploy(
+        self, version: str | int, model_name: str | None = None, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """Point the application at ``model_name`` ``version``; wait until it answers with it; roll
+        back on failure. ``run_id`` (the version's training run), when given, must match too.
+
+        Returns ``{"name", "version", "run_id", "previous", "previous_version", "previous_config",
+        "seconds"}``: what :meth:`rollback` needs if a later check (the smoke test) fails.
         """
-        version = str(version)
+        target = self.target(version, model_name, run_id)
         started = time.monotonic()
         previous_config = self.current_config()
         before = self.serving()
-        previous_version = before.version if before else None
-        config = self.build_config(previous_config, version, model_name)
+        previous = before.model if before else None
+        config = self.build_config(previous_config, target.version, target.name)
         log.info(
-            "deploying %s v%s to Serve application %r (serving now: %s)",
-            model_name or self.settings.registered_model,
-            version,
+            "deploying %s to Serve application %r (serving now: %s)",
+            target,
             self.app_name,
-            f"v{previous_version}" if previous_version else "nothing",
+            previous or "nothing",
         )
         try:
             self.apply(config)
-            self.wait_for_version(version)
+            self.wait_for_model(target)
         except Exception as err:
-            self.rollback(previous_config, previous_version, reason=f"deploy of v{version} failed: {err}")
+            self.rollback(previous_config, previous, reason=f"deploy of {target} failed: {err}")
         seconds = round(time.monotonic() - started, 1)
-        log.info("v%s serves (%.1f s after the deploy started)", version, seconds)
+        log.info("%s serves (%.1f s after the deploy started)", target, seconds)
         return {
-            "version": version,
-            "previous_version": previous_version,
+            **target.to_dict(),
+            "previous": previous.to_dict() if previous else None,
+            "previous_version": previous.version if previous else None,
             "previous_config": previous_config,
             "seconds": seconds,
         }
 
-    def wait_for_version(self, version: str, replicas_checks: int = 6) -> Serving:
-        """Until the app is RUNNING and ``replicas_checks`` answers in a row name ``version``."""
+    def wait_for_model(self, target: ModelId, replicas_checks: int = 6) -> Serving:
+        """Until the app is RUNNING and ``replicas_checks`` answers in a row name ``target``.
+
+        Fails at once when a replica says it could not load ``target``: waiting longer would only
+        end in a timeout, and a config left pointing at a broken model takes the service down at
+        the next replica restart.
+        """
         deadline = time.monotonic() + self.timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -362,24 +427,26 @@ class ServeDeployer:
                 raise DeployError(f"application {self.app_name!r} is {status}: {message.strip()[:2000]}")
             if status == "RUNNING":
                 answers = [self.serving() for _ in range(replicas_checks)]
-                if all(a is not None and a.version == version for a in answers):
+                if all(a is not None and a.model.matches(target) for a in answers):
                     return answers[0]
-                failed = [a for a in answers if a is not None and a.version != version and a.last_load_error]
+                failed = [a for a in answers if a is not None and a.failed_to_load(target)]
                 if failed:
                     raise DeployError(
-                        f"the replicas could not load v{version} and kept v{failed[0].version}: "
+                        f"the replicas could not load {target} and kept {failed[0].model}: "
                         f"{failed[0].last_load_error}"
                     )
-                last = ", ".join(f"v{a.version}" if a else "no answer" for a in answers)
+                last = ", ".join(str(a.model) if a else "no answer" for a in answers)
             else:
                 last = f"application {status}"
             time.sleep(self.poll_s)
-        raise DeployError(f"v{version} was not serving after {self.timeout_s:.0f} s (last seen: {last})")
+        raise DeployError(f"{target} was not serving after {self.timeout_s:.0f} s (last seen: {last})")
 
     def rollback(
-        self, previous_config: dict[str, Any] | None, previous_version: str | None, reason: str
+        self, previous_config: dict[str, Any] | None, previous: ModelId | dict | None, reason: str
     ) -> NoReturn:
-        """Put ``previous_config`` back, check the old version answers, and raise :class:`DeployError`."""
+        """Put ``previous_config`` back, check the old model answers, and raise :class:`DeployError`."""
+        if isinstance(previous, dict):
+            previous = ModelId.from_dict(previous)
         log.error("%s; rolling back", reason)
         try:
             if previous_config is None or self.app_config(previous_config) is None:
@@ -390,22 +457,33 @@ class ServeDeployer:
                 self.apply({**(previous_config or {}), "applications": others})
                 raise DeployError(f"{reason}. Nothing was serving before; the application was removed.")
             self.apply(previous_config)
-            if previous_version is not None:
-                self.wait_for_version(previous_version)
-                self.smoke_test(previous_version)
+            if previous is not None:
+                self.wait_for_model(previous)
+                self.smoke_test(previous)
         except DeployError:
             raise
         except Exception as err:
             raise DeployError(f"{reason}. ROLLBACK ALSO FAILED: {err}") from err
-        raise DeployError(f"{reason}. Rolled back: v{previous_version} is serving and answers.")
+        raise DeployError(f"{reason}. Rolled back: {previous} is serving and answers.")
+
+    def verify(self, deployed: dict[str, Any], expected: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Smoke-test what :meth:`deploy` returned; on failure roll back (raises :class:`DeployError`).
+
+        The ``smoke_test`` task of the DAG and ``python -m serve.deploy`` both end a deploy with it.
+        """
+        target = ModelId.from_dict(deployed)
+        try:
+            return self.smoke_test(target, expected)
+        except DeployError as err:
+            self.rollback(deployed["previous_config"], deployed.get("previous"), reason=str(err))
 
     def smoke_test(
         self,
-        version: str,
+        target: ModelId,
         expected: dict[str, Any] | None = None,
         score_tolerance: float = 0.01,
     ) -> dict[str, Any]:
-        """Fixed texts must get valid answers from ``version``, equal to ``expected`` if given.
+        """Fixed texts must get valid answers from ``target``, equal to ``expected`` if given.
 
         ``expected`` is the evaluation's smoke set (``texts``, ``labels``, ``scores``): the same
         model's offline predictions. Also checks that a malformed request gets a 4xx, not a 500.
@@ -416,8 +494,11 @@ class ServeDeployer:
             raise DeployError("GET /v1/model does not answer")
         answer = self.predict(texts)
         problems = []
-        if str(answer["model"]["version"]) != str(version):
-            problems.append(f"answered by v{answer['model']['version']}, not v{version}")
+        answered = ModelId(
+            str(answer["model"]["name"]), str(answer["model"]["version"]), answer["model"].get("run_id")
+        )
+        if not answered.matches(target):
+            problems.append(f"answered by {answered}, not {target}")
         predictions = answer["predictions"]
         if len(predictions) != len(texts):
             problems.append(f"{len(predictions)} predictions for {len(texts)} texts")
@@ -440,10 +521,10 @@ class ServeDeployer:
         if not 400 <= bad.status_code < 500:
             problems.append(f"an empty request got HTTP {bad.status_code}, expected a 4xx")
         if problems:
-            raise DeployError(f"smoke test of v{version} failed: " + "; ".join(problems))
+            raise DeployError(f"smoke test of {target} failed: " + "; ".join(problems))
         agreed = f", all {len(texts)} agree with the offline predictions" if expected else ""
-        log.info("smoke test of v%s passed: %d texts answered%s", version, len(texts), agreed)
-        return {"version": str(version), "texts": len(texts), "compared_offline": bool(expected)}
+        log.info("smoke test of %s passed: %d texts answered%s", target, len(texts), agreed)
+        return {**target.to_dict(), "texts": len(texts), "compared_offline": bool(expected)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,22 +545,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
-    version = args.version
-    if not version.isdigit():
-        from mlflow import MlflowClient
+    from mlflow import MlflowClient
 
-        from ml.registry import resolve_version
+    from ml.registry import mark_serving, resolve_version
 
-        client = MlflowClient(tracking_uri=deployer.settings.mlflow_tracking_uri)
-        version = str(
-            resolve_version(client, args.model or deployer.settings.registered_model, version).version
-        )
+    name = args.model or deployer.settings.registered_model
+    client = MlflowClient(tracking_uri=deployer.settings.mlflow_tracking_uri)
+    version = resolve_version(client, name, args.version)  # the run id too: a number can be reused
     try:
-        result = deployer.deploy(version, model_name=args.model)
-        deployer.smoke_test(version)
+        result = deployer.deploy(version.version, model_name=name, run_id=version.run_id)
+        deployer.verify(result)  # rolls back on a failed smoke test, as the DAG's smoke_test task does
     except DeployError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    mark_serving(deployer.settings, str(version.version), name=name, tags={"deployed_by": "serve.deploy"})
     print(json.dumps({k: v for k, v in result.items() if k != "previous_config"}))
     return 0
 

@@ -8,7 +8,9 @@ Layout in ``Settings.data_bucket`` (one object per flush and hour)::
 boundary writes one object into each partition); the timestamp in the name is when the batch was
 cut, ``seq`` counts the writer's batches. Every file has the schema :data:`SCHEMA`: one row per text
 with ``ts``, ``request_id``, ``text``, ``label``, ``score``, ``scores`` (JSON of every class's
-probability, or null), ``model_name``, ``model_version`` and ``writer_id``.
+probability, or null), ``model_name``, ``model_version``, ``model_run_id`` (the MLflow run that
+trained it: a version number alone can be reused) and ``writer_id``. Files written before
+``model_run_id`` existed read back with it null.
 :func:`read_predictions` reads a time window back (for the drift check).
 
 Guarantees of :class:`PredictionLogger`:
@@ -75,6 +77,7 @@ SCHEMA = pa.schema(
         pa.field("scores", pa.string()),
         pa.field("model_name", pa.string()),
         pa.field("model_version", pa.string()),
+        pa.field("model_run_id", pa.string()),
         pa.field("writer_id", pa.string(), nullable=False),
     ]
 )
@@ -498,6 +501,7 @@ def _normalize(record: Mapping[str, Any]) -> Row:
         scores,
         _text(record.get("model_name")),
         _text(record.get("model_version")),
+        _text(record.get("model_run_id")),
     )
 
 

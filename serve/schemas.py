@@ -2,25 +2,53 @@
 
 Kept free of Ray and torch so that clients, tests and the deploy task can import it cheaply.
 
+The body of ``POST /v1/predict`` is parsed and checked here, by :func:`parse_predict_body`, not by
+FastAPI: the checks run only after the bearer token was checked, stop early on bodies that are too
+big or have too many texts, and report at most :data:`MAX_PROBLEMS` problems in a bounded error
+body. The OpenAPI document states the same rules (:func:`predict_request_schema`), so a client
+generated from it (or a schema-driven fuzzer) sends only what the service accepts.
+
 Limits (set per deployment in ``user_config``, see ``serve/config.yaml``):
 
+* exactly one of ``texts`` (a list of strings) or ``text`` (a string);
 * at most ``max_texts_per_request`` texts per request (more: HTTP 413);
-* every text non-empty after stripping whitespace (else 422);
+* every text has a non-whitespace character (else 422);
 * at most ``max_text_chars`` characters per text: a longer text is **rejected** (422), not cut,
   so a client never gets a prediction for text the model did not see. The same bound is the data
   gate's ``CT_MAX_TEXT_CHARS``, so the service accepts what training accepts. Within that bound
-  the tokenizer truncates to the model's ``max_length`` tokens, exactly as in training.
+  the tokenizer truncates to the model's ``max_length`` tokens, exactly as in training;
+* every text is valid Unicode: JSON can carry lone surrogate escapes (``"\\ud800"``), which no
+  tokenizer reads; they get a 422 naming the text, and never reach a batch shared with others.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PROBLEMS = 10  # problems listed in one error response; the rest are counted
+MAX_PROBLEM_CHARS = 240  # one problem's message
+QUOTE_CHARS = 40  # characters of client input quoted back in a message
+# A text must contain a character outside this set: the union of what Python (str.isspace), ECMA
+# and Rust regexes call whitespace, spelled out so that this service and a client or validator
+# reading the OpenAPI pattern agree on every text (their own \\S disagree on U+001C-1F, U+FEFF).
+BLANK_PATTERN = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"  # X-Request-ID: 1-128 visible ASCII characters
+_NON_BLANK = re.compile(BLANK_PATTERN)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+BODY_FIELDS = ("texts", "text", "return_all_scores")
 
 
 class PredictRequest(BaseModel):
-    """Either ``texts`` (a list) or ``text`` (one string)."""
+    """Either ``texts`` (a list) or ``text`` (one string); documentation of the body's fields.
+
+    The limits in the OpenAPI document come from the deployment (:func:`predict_request_schema`).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -32,14 +60,9 @@ class PredictRequest(BaseModel):
         },
     )
 
-    texts: list[StrictStr] | None = Field(None, description="Texts to classify, in order.")
-    text: StrictStr | None = Field(None, description="A single text (instead of `texts`).")
-    return_all_scores: StrictBool = Field(False, description="Also return every class's probability.")
-
-    def items(self) -> list[str]:
-        if (self.texts is None) == (self.text is None):
-            raise InputError(422, "give exactly one of 'texts' (a list of strings) or 'text' (a string)")
-        return [self.text] if self.text is not None else list(self.texts or [])
+    texts: list[str] | None = Field(None, description="Texts to classify, in order.")
+    text: str | None = Field(None, description="A single text (instead of `texts`).")
+    return_all_scores: bool = Field(False, description="Also return every class's probability.")
 
 
 class Prediction(BaseModel):
@@ -49,14 +72,29 @@ class Prediction(BaseModel):
 
 
 class ModelRef(BaseModel):
+    """A model's identity: registered name, version, and the training run that made it.
+
+    A version number alone is not an identity: two registered models both have a version 2, and a
+    recreated registry reuses numbers.
+    """
+
     name: str
     version: str
+    run_id: str | None = Field(None, description="MLflow run that trained it (absent for a local path).")
 
 
 class PredictResponse(BaseModel):
     model: ModelRef
     request_id: str
     predictions: list[Prediction]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: one readable line, and the first problems when there are several."""
+
+    detail: str
+    problems: list[str] | None = Field(None, description=f"At most {MAX_PROBLEMS} problems, in body order.")
+    more_problems: int | None = Field(None, description="Problems found beyond the ones listed.")
 
 
 class ModelInfo(BaseModel):
@@ -69,72 +107,195 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     loaded_at: str
-    requested: str = Field(description="The reference in user_config (a version, an alias or a path).")
+    requested: str = Field(description="The reference in user_config (name@version, an alias or a path).")
     last_load_error: str | None = Field(
         None, description="Why the last requested model failed to load (the previous one kept serving)."
+    )
+    failed_request: str | None = Field(
+        None, description="The reference (name@version) whose load failed, if the last load failed."
     )
     limits: dict[str, Any]
 
 
 class InputError(Exception):
-    """A request the service refuses: status code and a message naming the problem."""
+    """A request the service refuses: status code, a message, and the problems behind it."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, problems: list[str] | None = None, more: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.problems = problems
+        self.more = more
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"detail": _cut(self.message, 2 * MAX_PROBLEM_CHARS)}
+        if self.problems and len(self.problems) + self.more > 1:
+            body["problems"] = [_cut(p, MAX_PROBLEM_CHARS) for p in self.problems[:MAX_PROBLEMS]]
+            more = self.more + max(0, len(self.problems) - MAX_PROBLEMS)
+            if more:
+                body["more_problems"] = more
+        return body
 
 
-def check_texts(texts: list[str], max_texts: int, max_chars: int) -> list[str]:
-    """Apply the request limits; raise :class:`InputError` naming the first offending text."""
-    if not texts:
-        raise InputError(422, "'texts' is empty: send at least one text")
-    if len(texts) > max_texts:
-        raise InputError(
-            413,
-            f"{len(texts)} texts in one request; the limit is {max_texts}: split it into several requests",
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """Client input quoted for an error message: ASCII-only (lone surrogates included) and short."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = text[:limit]
+    return json.dumps(cut, ensure_ascii=True) + ("…" if len(text) > limit else "")
+
+
+def _cut(message: str, limit: int) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def _type_name(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", dict: "object"}.get(
+        type(value), {list: "list", str: "string"}.get(type(value), type(value).__name__)
+    )
+
+
+def check_text(where: str, value: Any, max_chars: int) -> str | None:
+    """The problem with one text, or None if the service can classify it."""
+    if not isinstance(value, str):
+        return f"{where} must be a string, got {_type_name(value)}"
+    if len(value) > max_chars:
+        return f"{where} has {len(value)} characters; the limit is {max_chars}: longer texts are rejected"
+    if not _NON_BLANK.search(value):
+        return f"{where} is empty or whitespace only"
+    if (bad := _SURROGATE.search(value)) is not None:
+        return (
+            f"{where} is not valid Unicode text: a lone surrogate (U+{ord(bad.group()):04X}) at character "
+            f"{bad.start()}; send UTF-8 text"
         )
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InputError(422, f"texts[{i}] is empty or whitespace only")
-        if len(text) > max_chars:
-            raise InputError(
-                422,
-                f"texts[{i}] has {len(text)} characters; the limit is {max_chars}: longer texts are rejected",
-            )
-    return texts
+    return None
 
 
-def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[int, str]:
-    """FastAPI/pydantic validation errors as one status and one readable message.
+@dataclass(frozen=True)
+class ParsedRequest:
+    texts: list[str]
+    return_all_scores: bool
 
-    Malformed JSON is a 400; a well-formed body of the wrong shape is a 422.
+
+def parse_predict_body(raw: bytes, max_texts: int, max_chars: int) -> ParsedRequest:
+    """The body of ``POST /v1/predict``, checked; :class:`InputError` (400/413/422) otherwise.
+
+    Cheap on hostile bodies: a list longer than ``max_texts`` is refused before its items are
+    looked at, and only the first :data:`MAX_PROBLEMS` problems are described.
     """
-    problems = []
-    status = 422
-    for err in errors:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or "body"
-        kind = err.get("type", "")
-        if kind == "json_invalid":
-            status = 400
-            problems.append(f"malformed JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
-        elif kind == "missing" and where == "body":
-            problems.append('the body is empty: send JSON like {"texts": ["..."]}')
-        elif kind == "string_type":
-            got = type(err.get("input")).__name__ if err.get("input") is not None else "null"
-            problems.append(f"{where} must be a string, got {got}")
-        elif kind == "list_type":
-            problems.append(f"{where} must be a list of strings")
-        elif kind == "extra_forbidden":
-            problems.append(
-                f"unknown field {where!r}: the body takes 'texts' or 'text', and 'return_all_scores'"
+    if not raw.strip():
+        raise InputError(422, 'the body is empty: send JSON like {"texts": ["..."]}')
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise InputError(
+            400, f"malformed JSON: the body is not UTF-8 ({err.reason} at byte {err.start})"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise InputError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except (ValueError, RecursionError) as err:  # nesting too deep, a number too long ...
+        raise InputError(400, f"malformed JSON: {type(err).__name__}: {_cut(str(err), 120)}") from None
+    if not isinstance(body, dict):
+        raise InputError(
+            422, f'the body must be a JSON object like {{"texts": ["..."]}}, got {_type_name(body)}'
+        )
+
+    problems: list[str] = []
+    unknown = [key for key in body if key not in BODY_FIELDS]
+    problems += [
+        f"unknown field {quote(key)}: the body takes 'texts' or 'text', and 'return_all_scores'"
+        for key in unknown[:MAX_PROBLEMS]
+    ]
+    more = max(0, len(unknown) - MAX_PROBLEMS)
+    if ("texts" in body) == ("text" in body):
+        problems.append("give exactly one of 'texts' (a list of strings) or 'text' (a string)")
+
+    texts: list[Any] = []
+    if "texts" in body:
+        value = body["texts"]
+        if not isinstance(value, list):
+            problems.append(f"texts must be a list of strings, got {_type_name(value)}")
+        elif not value:
+            problems.append("'texts' is empty: send at least one text")
+        elif len(value) > max_texts:
+            raise InputError(
+                413,
+                f"{len(value)} texts in one request; the limit is {max_texts}: "
+                "split it into several requests",
             )
-        elif kind in {"model_attributes_type", "model_type"}:
-            problems.append('the body must be a JSON object like {"texts": ["..."]}')
         else:
-            problems.append(f"{where}: {err.get('msg')}")
-    return status, "; ".join(problems) or "invalid request"
+            texts = value
+            for i, item in enumerate(value):
+                if (problem := check_text(f"texts[{i}]", item, max_chars)) is not None:
+                    if len(problems) < MAX_PROBLEMS:
+                        problems.append(problem)
+                    else:
+                        more += 1
+    if "text" in body:
+        texts = [body["text"]]
+        if (problem := check_text("text", body["text"], max_chars)) is not None:
+            problems.append(problem)
+    all_scores = body.get("return_all_scores", False)
+    if not isinstance(all_scores, bool):
+        problems.append(f"return_all_scores must be true or false, got {_type_name(all_scores)}")
+
+    if problems:
+        first = (
+            problems[0] if len(problems) + more == 1 else f"{len(problems) + more} problems: {problems[0]}; …"
+        )
+        raise InputError(422, first, problems, more)
+    return ParsedRequest(texts=texts, return_all_scores=all_scores)
+
+
+def max_body_bytes(max_texts: int, max_chars: int) -> int:
+    """The largest body a valid request can need: every character escaped as a surrogate pair."""
+    return max_texts * (12 * max_chars + 8) + 4096
+
+
+def check_request_id(value: str | None) -> str | None:
+    """A client's ``X-Request-ID`` if it is well-formed (it goes into logs and the prediction log)."""
+    if value is None:
+        return None
+    if not _REQUEST_ID.match(value):
+        raise InputError(
+            400,
+            "X-Request-ID must be 1 to 128 visible ASCII characters, "
+            f"got {quote(value)} ({len(value)} characters)",
+        )
+    return value
+
+
+def predict_request_schema(max_texts: int, max_chars: int) -> dict[str, Any]:
+    """JSON Schema of the body of ``POST /v1/predict`` with the deployment's limits."""
+    text = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max_chars,
+        "pattern": BLANK_PATTERN,
+        "description": f"Text to classify: 1-{max_chars} characters, not all whitespace, valid Unicode.",
+    }
+    return {
+        "title": "PredictRequest",
+        "description": "Exactly one of `texts` or `text`.",
+        "type": "object",
+        "properties": {
+            "texts": {
+                "type": "array",
+                "items": text,
+                "minItems": 1,
+                "maxItems": max_texts,
+                "description": f"Texts to classify, in order (1-{max_texts}).",
+            },
+            "text": {**text, "description": "A single text (instead of `texts`)."},
+            "return_all_scores": {
+                "type": "boolean",
+                "default": False,
+                "description": "Also return every class's probability.",
+            },
+        },
+        "additionalProperties": False,
+        "oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
+        "examples": PredictRequest.model_config["json_schema_extra"]["examples"],
+    }
 
 
 class ServeOptions(BaseModel):

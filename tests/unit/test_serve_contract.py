@@ -11,61 +11,151 @@ from starlette.requests import Request
 
 from ml.settings import Settings
 from serve.deploy import CONFIG_FILE, ServeDeployer
-from serve.schemas import InputError, PredictRequest, ServeOptions, check_texts, describe_validation_errors
+from serve.schemas import (
+    MAX_PROBLEMS,
+    InputError,
+    ServeOptions,
+    check_request_id,
+    max_body_bytes,
+    parse_predict_body,
+    predict_request_schema,
+)
 
 
-def _errors(raw: str) -> tuple[int, str]:
-    try:
-        PredictRequest.model_validate_json(raw)
-    except ValidationError as err:
-        return describe_validation_errors(err.errors())
-    raise AssertionError(f"{raw!r} was accepted")
+def _refusal(raw: str | bytes, max_texts: int = 64, max_chars: int = 10_000) -> InputError:
+    with pytest.raises(InputError) as err:
+        parse_predict_body(raw.encode() if isinstance(raw, str) else raw, max_texts, max_chars)
+    return err.value
 
 
 @pytest.mark.parametrize(
     ("raw", "status", "message"),
     [
         ("{oops", 400, "malformed JSON"),
-        ('{"texts": [1, "a"]}', 422, "texts[0] must be a string, got int"),
+        (b'{"texts": ["\xff"]}', 400, "not UTF-8"),
+        ("[" * 100_000, 400, "malformed JSON"),  # nesting too deep for the parser: not a 500
+        ('{"texts": [' + "9" * 5000 + "]}", 400, "malformed JSON"),  # int beyond Python's digit limit
+        ("", 422, "the body is empty"),
+        ('{"texts": [1, "a"]}', 422, "texts[0] must be a string, got number"),
         ('{"texts": ["a", null]}', 422, "texts[1] must be a string, got null"),
-        ('{"texts": "abc"}', 422, "texts must be a list of strings"),
-        ('{"txt": ["a"]}', 422, "unknown field 'txt'"),
+        ('{"texts": "abc"}', 422, "texts must be a list of strings, got string"),
+        ('{"txt": ["a"]}', 422, 'unknown field "txt"'),
         ("[1, 2]", 422, "must be a JSON object"),
-        ('{"text": ["a"]}', 422, "text must be a string"),
-        ('{"texts": ["a"], "return_all_scores": "yes"}', 422, "return_all_scores"),
+        ('{"text": ["a"]}', 422, "text must be a string, got list"),
+        ('{"texts": ["a"], "return_all_scores": "yes"}', 422, "return_all_scores must be true or false"),
+        ('{"texts": []}', 422, "'texts' is empty"),
+        (r'{"texts": ["ok", " \n"]}', 422, "texts[1] is empty or whitespace only"),
+        (r'{"texts": ["ok", "\u001c\ufeff"]}', 422, "texts[1] is empty or whitespace only"),
+        ('{"texts": null, "text": "a"}', 422, "texts must be a list of strings, got null"),
+        ("{}", 422, "exactly one of 'texts'"),
+        ('{"text": "a", "texts": ["b"]}', 422, "exactly one of 'texts'"),
     ],
 )
 def test_malformed_bodies_get_a_message_naming_the_problem(raw, status, message):
-    got_status, got_message = _errors(raw)
-    assert got_status == status
-    assert message in got_message
+    error = _refusal(raw)
+    assert error.status == status
+    assert message in " | ".join([error.message, *(error.problems or [])])
 
 
-def test_one_of_text_or_texts():
-    assert PredictRequest.model_validate({"text": "hi"}).items() == ["hi"]
-    assert PredictRequest.model_validate({"texts": ["a", "b"]}).items() == ["a", "b"]
-    for body in ({}, {"text": "a", "texts": ["b"]}):
-        with pytest.raises(InputError, match="exactly one"):
-            PredictRequest.model_validate(body).items()
+def test_lone_surrogates_are_refused_naming_the_text():
+    """JSON can carry them; no tokenizer reads them. A 422 here keeps them out of shared batches."""
+    error = _refusal(r'{"texts": ["fine", "bad \ud800 text"]}')
+    assert error.status == 422
+    assert "texts[1] is not valid Unicode text: a lone surrogate (U+D800) at character 4" in error.message
+    assert _refusal(r'{"text": "\udfff"}').status == 422
+    json.dumps(error.body(), ensure_ascii=False).encode()  # the error body itself is valid UTF-8
+    # a surrogate *pair* is one valid character
+    assert parse_predict_body(rb'{"text": "\ud83d\ude00 ok"}', 4, 10).texts == ["\U0001f600 ok"]
 
 
 @pytest.mark.parametrize(
     ("texts", "status", "message"),
     [
-        ([], 422, "'texts' is empty"),
         (["ok"] * 4, 413, "4 texts in one request; the limit is 3"),
-        (["ok", " \n"], 422, "texts[1] is empty or whitespace only"),
         (["ok", "x" * 11], 422, "texts[1] has 11 characters; the limit is 10"),
     ],
 )
 def test_request_limits(texts, status, message):
-    with pytest.raises(InputError) as err:
-        check_texts(texts, max_texts=3, max_chars=10)
-    assert err.value.status == status and message in err.value.message
+    error = _refusal(json.dumps({"texts": texts}), max_texts=3, max_chars=10)
+    assert error.status == status and message in error.message
 
 
 def test_texts_within_limits_pass_unchanged():
-    assert check_texts(["a", "x" * 10], max_texts=3, max_chars=10) == ["a", "x" * 10]
+    parsed = parse_predict_body(json.dumps({"texts": ["a", "x" * 10]}).encode(), 3, 10)
+    assert parsed.texts == ["a", "x" * 10] and parsed.return_all_scores is False
+    parsed = parse_predict_body(b'{"text": " a ", "return_all_scores": true}', 3, 10)
+    assert parsed.texts == [" a "] and parsed.return_all_scores is True
+
+
+def test_rejections_are_bounded_and_cheap():
+    """A 1.2 MB body of wrong types used to get an 8 MB error body back."""
+    import time
+
+    many = json.dumps({"texts": list(range(200_000))}).encode()
+    assert len(many) > 1_000_000
+    started = time.perf_counter()
+    error = _refusal(many)
+    assert error.status == 413 and "200000 texts" in error.message
+    assert time.perf_counter() - started < 1.0  # one json.loads, no per-item work
+
+    wrong = _refusal(json.dumps({"texts": [1] * 64, **{f"k{i}" * 5000: 1 for i in range(50)}}))
+    body = json.dumps(wrong.body())
+    assert wrong.status == 422 and len(wrong.body()["problems"]) == MAX_PROBLEMS
+    assert wrong.body()["more_problems"] == 50 + 64 - MAX_PROBLEMS
+    assert len(body) < 4000, len(body)  # client input is quoted short: 25 KB keys are not echoed
+
+
+def test_request_id_header_is_checked():
+    assert check_request_id(None) is None
+    assert check_request_id("ct-pipeline-1234") == "ct-pipeline-1234"
+    for bad in ("", "a b", "x" * 129, "caf\xe9"):
+        with pytest.raises(InputError) as err:
+            check_request_id(bad)
+        assert err.value.status == 400 and "X-Request-ID" in err.value.message
+
+
+def test_a_valid_request_always_fits_the_body_limit():
+    texts = ["\U0001f600" * 10] * 4  # astral characters: 12 bytes each as JSON escapes
+    raw = json.dumps({"texts": texts}, ensure_ascii=True).encode()
+    assert len(raw) <= max_body_bytes(4, 10)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "a"},
+        {"texts": ["a", "b"], "return_all_scores": True},
+        {"text": "\u001c"},
+        {"text": "\ufeff"},
+        {"text": "\u3000x"},
+        {"text": "\x85"},
+        {"text": "\u180e"},  # whitespace in old Unicode versions, a letter-like format char now
+        {"text": " " * 11},
+        {"text": "x" * 11},
+        {"texts": []},
+        {"texts": ["a"] * 4},
+        {"texts": None, "text": "a"},
+        {"text": "a", "texts": ["a"]},
+        {},
+        {"text": "a", "other": 1},
+        {"text": "a", "return_all_scores": None},
+        {"text": 1},
+    ],
+)
+def test_openapi_schema_and_parser_agree(body):
+    """The service accepts exactly what its OpenAPI schema allows (Python's jsonschema and the
+    Rust validator schemathesis uses)."""
+    import jsonschema
+    import jsonschema_rs
+
+    schema = predict_request_schema(max_texts=3, max_chars=10)
+    try:
+        parse_predict_body(json.dumps(body).encode(), 3, 10)
+        accepted = True
+    except InputError:
+        accepted = False
+    assert jsonschema.Draft202012Validator(schema).is_valid(body) == accepted
+    assert jsonschema_rs.validator_for(schema).is_valid(body) == accepted
 
 
 def _request(headers: dict[str, str]) -> Request:
