@@ -60,6 +60,19 @@ class Settings(BaseSettings):
         description="GPUs per Serve replica when the deploy task starts the application from "
         "serve/config.yaml (e.g. 1, or 0.5 for two replicas per GPU); empty = as written there (0).",
     )
+    serve_min_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Fewest Serve replicas when the deploy task starts the application from "
+        "serve/config.yaml (autoscaling min/initial replicas, max raised to match); empty = as written "
+        "there (1). Production: 2 or more.",
+    )
+    serve_max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Most replicas of the deployment on one Ray node, when starting from serve/config.yaml; "
+        "1 spreads them over nodes (production: a node lost keeps the service up). Empty = no limit.",
+    )
     rayservice_name: str = Field("classifier", description="RayService the deploy task patches (rayservice).")
     k8s_namespace: str = Field(
         "", description="Namespace of the RayService; empty = the pod's own namespace (else 'default')."

@@ -371,6 +371,19 @@ class ServeDeployer:
                 for deployment in ours[0].get("deployments", []):
                     options = deployment.get("ray_actor_options") or {}
                     deployment["ray_actor_options"] = {**options, "num_gpus": gpus}
+            minimum, per_node = self.settings.serve_min_replicas, self.settings.serve_max_replicas_per_node
+            for deployment in ours[0].get("deployments", []):  # production: >= 2 replicas, one per node
+                if minimum is not None and (scaling := deployment.get("autoscaling_config")):
+                    deployment["autoscaling_config"] = {
+                        **scaling,
+                        "min_replicas": minimum,
+                        "initial_replicas": max(minimum, scaling.get("initial_replicas") or 0),
+                        "max_replicas": max(minimum, scaling.get("max_replicas") or 0),
+                    }
+                elif minimum is not None:
+                    deployment["num_replicas"] = max(minimum, deployment.get("num_replicas") or 1)
+                if per_node is not None:
+                    deployment["max_replicas_per_node"] = per_node
         return config
 
     def target(self, version: str | int, model_name: str | None = None, run_id: str | None = None) -> ModelId:
