@@ -492,6 +492,12 @@ class Classifier:
             raise InputError(
                 500, f"{where} could not be classified: {type(err).__name__}: {quote(str(err), 160)}"
             )
+        if invalid := [i for i, row in enumerate(rows) if not np.isfinite(row).all()]:
+            raise InputError(  # a misbehaving model: the deploy's smoke test sees this and rolls back
+                500,
+                f"model {model.name} v{model.version} gave no valid probabilities (NaN or inf) "
+                f"for {len(invalid)} of {len(texts)} texts",
+            )
         tags = {"model_name": model.name, "model_version": model.version}
         self._request_latency.observe((time.perf_counter() - started) * 1000, tags=tags)
         self._texts.inc(len(texts), tags=tags)

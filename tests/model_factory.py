@@ -40,6 +40,17 @@ def rotate_head(src: Path, dst: Path) -> Path:
     return dst
 
 
+def nan_head(src: Path, dst: Path) -> Path:
+    """A copy that loads fine and answers NaN for every text: a model that misbehaves in service."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(src / "model.safetensors")
+    weights["classifier.bias"] = weights["classifier.bias"] * float("nan")
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def corrupt_export(src: Path, dst: Path) -> Path:
     """A copy whose weights file is cut in half: it downloads fine and fails to load."""
     shutil.copytree(src, dst)

@@ -1,6 +1,7 @@
-"""The Ray Serve application on the real local stack: HTTP contract, zero-downtime redeploy,
-a broken model that must not replace a working one, rollback after a failed smoke test, and
-prediction logging to S3.
+"""The Ray Serve application on the real local stack: HTTP contract, one client's poisoned text
+failing no other request, zero-downtime redeploy, a broken model that must not replace a working
+one (also under another model's name with the same version number), rollback after a failed smoke
+test (in the DAG's way and from ``python -m serve.deploy``), and prediction logging to S3.
 
 Models are real exports of the base model (random seeded heads) registered in the real MLflow
 server; traffic is real HTTP to 127.0.0.1, bounded in count and time.
@@ -22,7 +23,7 @@ from ml.settings import Settings
 from ml.storage import ObjectStore
 from serve.deploy import DeployError, ServeDeployer
 from tests.conftest import REPO_ROOT
-from tests.model_factory import build_export, corrupt_export, register_export, rotate_head
+from tests.model_factory import build_export, corrupt_export, nan_head, register_export, rotate_head
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,11 @@ class Traffic:
 
 @pytest.fixture(scope="module")
 def models(local_stack, tmp_path_factory):
-    """Three registered versions: ``good``, ``rotated`` (another valid model), ``broken`` (weights cut)."""
+    """Three registered versions: ``good``, ``rotated`` (another valid model), ``broken`` (weights cut).
+
+    Plus ``other``: a second registered model whose v1 (the same number as ``good``) is broken, and
+    ``nan``: a third whose v1 loads but answers NaN (every prediction fails).
+    """
     local_stack.require("s3", "mlflow", "ray")
     settings = Settings(registered_model=f"it-serve-{uuid.uuid4().hex[:8]}")
     tmp = tmp_path_factory.mktemp("serve-models")
@@ -97,6 +102,10 @@ def models(local_stack, tmp_path_factory):
         "broken": corrupt_export(good, tmp / "broken"),
     }
     versions = {key: register_export(settings, path) for key, path in exports.items()}
+    other = settings.model_copy(update={"registered_model": f"{settings.registered_model}-other"})
+    nan = settings.model_copy(update={"registered_model": f"{settings.registered_model}-nan"})
+    versions["other"] = (other.registered_model, register_export(other, exports["broken"]))
+    versions["nan"] = (nan.registered_model, register_export(nan, nan_head(good, tmp / "nan")))
     return settings, versions, exports
 
 
@@ -117,11 +126,7 @@ def deployer(models):
 
 
 def _serve(deployer: ServeDeployer, version: str) -> None:
-    if (
-        (now := deployer.serving()) is None
-        or now.version != version
-        or now.name != deployer.settings.registered_model
-    ):
+    if (now := deployer.serving()) is None or not now.model.matches(deployer.target(version)):
         deployer.deploy(version)
 
 
@@ -149,7 +154,11 @@ def test_http_contract(models, deployer, agnews):
     body = requests.post(
         f"{SERVE}/v1/predict", json={"texts": texts, "return_all_scores": True}, timeout=30
     ).json()
-    assert body["model"] == {"name": settings.registered_model, "version": versions["good"]}
+    assert body["model"] == {
+        "name": settings.registered_model,
+        "version": versions["good"],
+        "run_id": info["run_id"],
+    }
     for p, (label, score) in zip(body["predictions"], _offline(exports["good"], texts), strict=True):
         assert p["label"] == label and p["score"] == pytest.approx(score, abs=1e-4)
         assert sum(p["scores"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -170,7 +179,7 @@ def test_http_contract(models, deployer, agnews):
     status, detail = post(data="{not json")
     assert status == 400 and "malformed JSON" in detail
     assert post({"texts": []}) == (422, "'texts' is empty: send at least one text")
-    assert post({"texts": ["ok", 3]}) == (422, "texts[1] must be a string, got int")
+    assert post({"texts": ["ok", 3]}) == (422, "texts[1] must be a string, got number")
     assert post({"texts": ["ok", "  "]}) == (422, "texts[1] is empty or whitespace only")
     status, detail = post({"texts": ["x"] * 65})
     assert status == 413 and "limit is 64" in detail
@@ -178,6 +187,58 @@ def test_http_contract(models, deployer, agnews):
     assert status == 422 and "10001 characters" in detail
     status, detail = post({"text": "a", "texts": ["b"]})
     assert status == 422 and "exactly one" in detail
+    status, detail = post(data='{"texts": ["ok", "bad \\ud800"]}')
+    assert status == 422 and "texts[1] is not valid Unicode text" in detail
+
+    # bounded rejections: a 1.2 MB body of wrong types gets a short answer, not megabytes
+    resp = requests.post(f"{SERVE}/v1/predict", json={"texts": [1] * 64, "x" * 1_200_000: 0}, timeout=30)
+    assert resp.status_code == 422 and len(resp.content) < 4096
+    assert len(resp.json()["problems"]) == 10 and resp.json()["more_problems"] == 55
+    resp = requests.post(f"{SERVE}/v1/predict", json={"texts": list(range(200_000))}, timeout=30)
+    assert resp.status_code == 413 and len(resp.content) < 1024
+    resp = requests.post(
+        f"{SERVE}/v1/predict", data="x=1", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
+    resp = requests.post(f"{SERVE}/v1/predict", json={"text": "a"}, headers={"X-Request-ID": "x" * 500})
+    assert resp.status_code == 400 and "X-Request-ID" in resp.json()["detail"]
+
+    # the OpenAPI document states the limits this deployment enforces
+    schema = requests.get(f"{SERVE}/openapi.json", timeout=10).json()
+    body_schema = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert body_schema["properties"]["texts"]["maxItems"] == 64
+    assert body_schema["properties"]["text"]["maxLength"] == 10_000
+    assert body_schema["oneOf"] == [{"required": ["texts"]}, {"required": ["text"]}]
+
+
+def test_a_poisoned_request_fails_no_other_request(models, deployer, agnews):
+    """Texts of concurrent requests share forward passes: one request with text the tokenizer
+    cannot read (a lone surrogate, valid JSON) once failed 24 of 36 concurrent requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, versions, _ = models
+    _serve(deployer, versions["good"])
+    texts = agnews["text"].head(36).tolist()
+    poisoned = '{"texts": ["Markets rallied today.", "\\ud800 poisoned"]}'
+
+    def send(i: int) -> tuple[int, str]:
+        if i == 18:
+            resp = requests.post(
+                f"{SERVE}/v1/predict", data=poisoned, headers={"content-type": "application/json"}, timeout=60
+            )
+        else:
+            resp = requests.post(f"{SERVE}/v1/predict", json={"text": texts[i]}, timeout=60)
+        return resp.status_code, resp.text
+
+    for _ in range(3):  # three bursts: the poisoned request lands in a shared batch at least once
+        with ThreadPoolExecutor(max_workers=37) as pool:
+            answers = list(pool.map(send, range(37)))
+        status, text = answers[18]
+        assert status == 422 and "texts[1] is not valid Unicode text" in text, (status, text)
+        others = [a for i, a in enumerate(answers) if i != 18]
+        assert [s for s, _ in others] == [200] * 36, [a for a in others if a[0] != 200][:3]
 
 
 def test_redeploy_under_load_fails_no_request(models, deployer, agnews):
@@ -209,7 +270,7 @@ def test_broken_model_leaves_the_old_one_serving(models, deployer, agnews):
     message = str(failure.value)
     assert len(traffic.results) > 20, "too little traffic to show anything"
     assert f"v{versions['broken']}" in message and "could not load" in message
-    assert f"Rolled back: v{versions['rotated']} is serving" in message
+    assert f"Rolled back: {deployer.settings.registered_model} v{versions['rotated']} (run" in message
     assert traffic.failed == [], traffic.failed[:5]
     assert {r[3] for r in traffic.results} == {versions["rotated"]}
     serving = deployer.serving()
@@ -228,19 +289,55 @@ def test_failed_smoke_test_rolls_back(models, deployer, agnews):
     # offline predictions of another model: the served ones cannot match them
     wrong = _offline(exports["rotated"], texts)
     expected = {"texts": texts, "labels": [x for x, _ in wrong], "scores": [s for _, s in wrong]}
-    with pytest.raises(DeployError, match=f"smoke test of v{versions['good']} failed: text 0: served"):
-        deployer.smoke_test(versions["good"], expected)
-    with pytest.raises(DeployError, match=f"Rolled back: v{versions['rotated']} is serving"):
-        deployer.rollback(
-            deployed["previous_config"], deployed["previous_version"], reason="smoke test failed"
-        )
+    with pytest.raises(DeployError) as failure:
+        deployer.verify(deployed, expected)
+    message = str(failure.value)
+    assert f"v{versions['good']} (run {deployed['run_id'][:8]}) failed: text 0: served" in message
+    assert f"Rolled back: {deployer.settings.registered_model} v{versions['rotated']}" in message
     assert deployer.serving().version == versions["rotated"]
     # and the right expectations pass
     right = _offline(exports["rotated"], texts)
     deployer.smoke_test(
-        versions["rotated"],
+        deployer.target(versions["rotated"]),
         {"texts": texts, "labels": [x for x, _ in right], "scores": [s for _, s in right]},
     )
+
+
+def test_same_version_number_of_another_model_is_not_the_served_model(models, deployer):
+    """Deploying B v1 (broken) while A v1 serves once reported success: answers were matched on the
+    version number alone, and the config was left pointing at the broken model."""
+    settings, versions, _ = models
+    other_name, other_version = versions["other"]
+    assert other_version == versions["good"]  # the point: the same number
+    _serve(deployer, versions["good"])
+    with pytest.raises(DeployError) as failure:
+        deployer.deploy(other_version, model_name=other_name)
+    message = str(failure.value)
+    assert f"could not load {other_name} v{other_version}" in message, message
+    assert f"Rolled back: {settings.registered_model} v{versions['good']}" in message
+    serving = deployer.serving()
+    assert (serving.model.name, serving.version) == (settings.registered_model, versions["good"])
+    user_config = deployer.app_config(deployer.current_config())["deployments"][0]["user_config"]
+    assert (user_config["model_name"], user_config["model_version"]) == (
+        settings.registered_model,
+        versions["good"],
+    )
+
+
+def test_cli_rolls_back_a_model_that_fails_its_smoke_test(models, deployer, capsys):
+    """``python -m serve.deploy`` ends a deploy like the DAG does: smoke test, rollback on failure."""
+    from serve.deploy import main
+
+    settings, versions, _ = models
+    nan_name, nan_version = versions["nan"]
+    _serve(deployer, versions["good"])
+    assert main(["--version", nan_version, "--model", nan_name]) == 1
+    err = capsys.readouterr().err
+    assert f"smoke test of {nan_name} v{nan_version}" in err and "Rolled back" in err, err
+    serving = deployer.serving()
+    assert (serving.model.name, serving.version) == (settings.registered_model, versions["good"])
+    user_config = deployer.app_config(deployer.current_config())["deployments"][0]["user_config"]
+    assert user_config["model_name"] == settings.registered_model
 
 
 def test_served_predictions_are_logged_to_s3(models, deployer):
@@ -263,6 +360,7 @@ def test_served_predictions_are_logged_to_s3(models, deployer):
     assert len(rows) == 2, f"prediction log has {len(rows)} of 2 rows"
     assert set(rows["model_version"]) == {versions["rotated"]}
     assert set(rows["model_name"]) == {settings.registered_model}
+    assert set(rows["model_run_id"]) == {resp.json()["model"]["run_id"]}
     assert set(rows["request_id"]) == {resp.json()["request_id"]}
     assert rows["label"].isin(["Business", "Sports", "World"]).all()
     keys = [o.key for o in store.list(f"predictions/dt={start:%Y-%m-%d}/")]
