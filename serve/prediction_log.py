@@ -86,6 +86,7 @@ RECORD_FIELDS = tuple(SCHEMA.names[:-1])  # what a caller passes; writer_id is t
 WARN_EVERY_S = 60.0
 CLOSE_RETRY_PAUSE_S = 0.5
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 Row = tuple[Any, ...]  # values in RECORD_FIELDS order, normalized
 
@@ -506,7 +507,14 @@ def _normalize(record: Mapping[str, Any]) -> Row:
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+    """``value`` as a string Parquet can store: lone surrogates (which JSON can carry) become U+FFFD.
+
+    Rows of many requests share one file: one client's unencodable text must not cost the others
+    their rows (the whole file would fail to encode and be given up).
+    """
+    if value is None:
+        return None
+    return _SURROGATES.sub("\ufffd", str(value))
 
 
 # --- reading a window back (drift check) ------------------------------------------------------

@@ -129,6 +129,20 @@ def test_flush_groups_rows_by_their_own_hour_and_names_keys_by_layout():
     assert KEY.match(max(store.objects, key=lambda k: KEY.match(k)["seq"]))["seq"] == "000004"
 
 
+def test_one_clients_unencodable_text_costs_no_other_row():
+    """Rows of many requests share a file; a lone surrogate once made the whole file fail to encode."""
+    store = MemoryStore()
+    logger = PredictionLogger(store, writer_id="w1")
+    poisoned = record(1, text="bad \ud800 text", request_id="req-\udfff")
+    assert logger.append([record(0), poisoned, record(2)]) == 3
+    assert logger.flush_now() == 3
+    (key,) = store.objects
+    rows = store.table(key).to_pylist()
+    assert [r["text"] for r in rows] == ["text 0", "bad \ufffd text", "text 2"]
+    assert rows[1]["request_id"] == "req-\ufffd"
+    assert logger.stats["dropped_rows"] == 0
+
+
 def test_files_have_the_explicit_schema_even_when_optional_columns_are_empty():
     store = MemoryStore()
     logger = PredictionLogger(store, writer_id="w1")
