@@ -58,7 +58,8 @@ def serving_model(window: pd.DataFrame) -> tuple[str, str] | None:
 def reference_for(
     settings: Settings, store: ObjectStore, name: str, version: str, rows: int = REFERENCE_ROWS
 ):
-    """A seeded sample of the training split the version was trained on, and that split's key."""
+    """A seeded sample of the training split the version was trained on, that split's key, and the
+    version's training run id (which tells its rows from those of a reused version number)."""
     import io
 
     import pandas as pd
@@ -79,7 +80,7 @@ def reference_for(
             f"s3://{store.bucket}/{key} is missing: the reference of {name} v{version} is gone"
         )
     train = pd.read_parquet(io.BytesIO(store.get_bytes(key)))
-    return sample_reference(train, min(rows, len(train))), key
+    return sample_reference(train, min(rows, len(train))), key, model_version.run_id
 
 
 def check_window(
@@ -107,7 +108,16 @@ def check_window(
         return summary
     name, version = model
     current = window[(window["model_name"] == name) & (window["model_version"] == version)]
-    reference, reference_key = reference_for(settings, store, name, version)
+    reference, reference_key, run_id = reference_for(settings, store, name, version)
+    if "model_run_id" in current and run_id:
+        # a version number alone is not an identity: rows of an earlier model that had the same
+        # name and number (a recreated registry) are not this model's traffic
+        same = current["model_run_id"].isna() | (current["model_run_id"] == run_id)
+        if not same.all():
+            log.info(
+                "leaving out %d rows answered by another run's %s v%s", int((~same).sum()), name, version
+            )
+        current = current[same]
     result = compare(reference, current[["text", "label"]], thresholds)
     dataset = _dataset_of(store, reference_key)
     prefix = f"{DRIFT_REPORTS}/{name}/{end:%Y%m%dT%H%M%S}"
