@@ -236,11 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_for_dag(dag_id)
             client.unpause(dag_id)
         print(f"\n{MONITOR} (hourly) and {WATCH} (every 15 min) are unpaused: the loop now runs by itself.")
-    print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user} / {password})")
+    print_where_to_look(settings, user)
+    return 0 if ok else 1
+
+
+def print_where_to_look(settings: Settings, user: str) -> None:
+    """The UIs to explore. The Airflow password stays in its own file: the demo's output (a
+    terminal, a CI log) never shows it."""
+    print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user}, password in {stack.airflow_password_file()})")
     print(f"MLflow UI:  {settings.mlflow_tracking_uri}   Ray dashboard: {settings.ray_address}")
     print(f"API docs:   {settings.serve_url}/docs")
     print("The stack keeps running for you to explore; stop it with `make down` (S3 data is in memory).")
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

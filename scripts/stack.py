@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -53,7 +54,9 @@ SERVICE_ORDER: tuple[str, ...] = ("s3", "mlflow", "ray", "airflow")
 VENV_BIN = Path(sys.executable).parent  # not resolved: keep the venv's bin, not the base python's
 RAY_GCS_PORT = 6379
 RAY_METRICS_PORT = 8090
+RAY_CLIENT_PORT = 10001
 AIRFLOW_PORT = 8080
+AIRFLOW_USER = "admin"
 STOP_GRACE_S = 20.0
 PROGRESS_EVERY_S = 10.0
 LOG_TAIL_LINES = 30
@@ -127,6 +130,13 @@ def _host_port(url_or_endpoint: str, default_port: int) -> tuple[str, int]:
         return parts.hostname or "127.0.0.1", parts.port or default_port
     except ValueError as exc:
         raise StackError(f"bad endpoint {url_or_endpoint.lstrip('/')!r} in the CT_* settings: {exc}") from exc
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -301,6 +311,49 @@ def _ensure_ray_token(s: Settings) -> None:
     log.info("ray: generated auth token at %s", path)
 
 
+def _airflow_password_file(s: Settings) -> Path:
+    return _airflow_home(s) / "simple_auth_manager_passwords.json.generated"
+
+
+def _ensure_airflow_password(s: Settings) -> None:
+    """Generate the admin password once (0600) before Airflow starts: Airflow's simple auth
+    manager then finds it and does not print it into the service log, as it does when it
+    generates the password itself."""
+    path = _airflow_password_file(s)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({AIRFLOW_USER: secrets.token_urlsafe(16)}) + "\n")
+    log.info("airflow: generated the %s password in %s", AIRFLOW_USER, path)
+
+
+def _airflow_bin(s: Settings) -> Path:
+    return _airflow_home(s) / "bin"
+
+
+def _write_airflow_shim(s: Settings) -> None:
+    """An ``airflow`` first on the PATH of ``airflow standalone`` that starts the scheduler and the
+    triggerer with ``--skip-serve-logs``: their log servers (8793, 8794) listen on every interface,
+    with no setting to change that (airflow/utils/serve_logs/core.py binds host ""). On one machine
+    the API server reads the task and trigger logs from disk, so nothing needs them."""
+    shim = _airflow_bin(s) / "airflow"
+    shim.parent.mkdir(parents=True, exist_ok=True)
+    real = shlex.quote(str(VENV_BIN / "airflow"))
+    shim.write_text(
+        "#!/bin/sh\n# written by scripts/stack.py (see _write_airflow_shim)\n"
+        f'case "$1" in scheduler|triggerer) exec {real} "$@" --skip-serve-logs ;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    shim.chmod(0o755)
+
+
+def _prepare_airflow(s: Settings) -> None:
+    _ensure_airflow_password(s)
+    _write_airflow_shim(s)
+
+
 def _ray_healthy(s: Settings) -> bool:
     token = _ray_token(s)
     if not token:
@@ -343,6 +396,19 @@ def _airflow_connections(s: Settings) -> dict[str, str]:
     return {f"AIRFLOW_CONN_{key}": json.dumps(value) for key, value in conns.items()}
 
 
+def _node_secrets(s: Settings) -> dict[str, str]:
+    """The secret settings, for the Ray node's environment (settings_env leaves them out)."""
+    return {"CT_S3_ACCESS_KEY": s.s3_access_key, "CT_S3_SECRET_KEY": s.s3_secret_key}
+
+
+def _ray_loopback_env(ray_host: str) -> dict[str, str]:
+    """Keep a loopback Ray node on loopback. On Linux, `ray start` swaps a node IP of 127.0.0.1
+    for the machine's network address (ray._private.services.resolve_ip_for_localhost), and its
+    servers bind that address or every interface. Ray's switch for single-machine clusters
+    (meant for macOS and Windows) makes it keep 127.0.0.1; no other node can join then."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if _is_loopback(ray_host) else {}
+
+
 def _services(s: Settings) -> dict[str, Service]:
     """The four services, built from the current settings (no side effects)."""
     # Every service (and what it spawns by name: `airflow`, Ray jobs' `python`) runs
@@ -355,7 +421,9 @@ def _services(s: Settings) -> dict[str, Service]:
     }
     s3_host, s3_port = _host_port(s.s3_endpoint, 9000)
     ml_host, ml_port = _host_port(s.mlflow_tracking_uri, 5000)
-    _, dash_port = _host_port(s.ray_address, 8265)
+    # Ray listens on the host of CT_RAY_ADDRESS (127.0.0.1 by default): as the node IP, every Ray
+    # server (GCS, raylet, object manager, workers, agents, client server, metrics) binds it.
+    ray_host, dash_port = _host_port(s.ray_address, 8265)
     airflow_home = _airflow_home(s)
 
     # fmt: off
@@ -367,9 +435,10 @@ def _services(s: Settings) -> dict[str, Service]:
     ]
     ray_argv = [
         str(VENV_BIN / "ray"), "start", "--head",
-        "--port", str(RAY_GCS_PORT),
+        "--port", str(RAY_GCS_PORT), "--node-ip-address", ray_host,
+        "--ray-client-server-port", str(RAY_CLIENT_PORT),
         "--include-dashboard", "true",
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+        "--dashboard-host", ray_host, "--dashboard-port", str(dash_port),
         # One logical CPU more than the machine has: a serving replica (1 CPU) and a 2-worker
         # training job fit side by side on a 2-core laptop (inference mostly idles between requests).
         "--num-cpus", str((os.cpu_count() or 1) + 1), "--disable-usage-stats",
@@ -405,7 +474,9 @@ def _services(s: Settings) -> dict[str, Service]:
         ports=(RAY_GCS_PORT, dash_port),
         url=s.ray_address,
         argv=ray_argv,
-        env={**base_env, "RAY_USAGE_STATS_ENABLED": "0"},
+        # The nodes' own environment is where jobs and Serve replicas find the secrets (S3 keys,
+        # CT_SERVE_API_TOKEN when set): a runtime_env is shown by the dashboard to all its users.
+        env={**base_env, **_node_secrets(s), **_ray_loopback_env(ray_host), "RAY_USAGE_STATS_ENABLED": "0"},
         health=lambda: _ray_healthy(s),
         timeout_s=120,
         marker="gcs_server",
@@ -420,6 +491,7 @@ def _services(s: Settings) -> dict[str, Service]:
         argv=[str(VENV_BIN / "airflow"), "standalone"],
         env={
             **base_env,
+            "PATH": os.pathsep.join([str(_airflow_bin(s)), base_env["PATH"]]),
             **_airflow_connections(s),
             "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
@@ -438,6 +510,7 @@ def _services(s: Settings) -> dict[str, Service]:
         health=_airflow_healthy,
         timeout_s=180,
         marker="airflow standalone",
+        before_start=lambda: _prepare_airflow(s),
     )
     return {svc.name: svc for svc in (s3, mlflow, ray, airflow)}
 
@@ -663,10 +736,14 @@ def is_healthy(service: str) -> bool:
     return _services(load_settings())[_select([service])[0]].health()
 
 
+def airflow_password_file() -> Path:
+    """The file that holds the Airflow admin password (0600); nothing else shows it."""
+    return _airflow_password_file(load_settings())
+
+
 def airflow_login() -> tuple[str, str]:
     """(username, password) that Airflow standalone generated for its UI and API."""
-    path = _airflow_home(load_settings()) / "simple_auth_manager_passwords.json.generated"
-    users = json.loads(path.read_text())
+    users = json.loads(_airflow_password_file(load_settings()).read_text())
     username, password = next(iter(users.items()))
     return username, password
 
@@ -686,10 +763,12 @@ def _status() -> int:
         state = "running" if healthy else ("unhealthy" if pid is not None else "stopped")
         all_running &= healthy
         print(f"{name:<8} {state:<10} pid={pid if pid else '-':<8} {svc.url}")
-    try:
-        user, password = airflow_login()
-        print(f"airflow login: {user} / {password}  (UI http://127.0.0.1:{AIRFLOW_PORT})")
-    except (OSError, ValueError, StopIteration):
+    password_file = _airflow_password_file(s)
+    if password_file.exists():  # the password stays in its own file: no terminal or CI log shows it
+        print(
+            f"airflow login: {AIRFLOW_USER}, password in {password_file}  (UI http://127.0.0.1:{AIRFLOW_PORT})"
+        )
+    else:
         print("airflow login: not generated yet (start airflow first)")
     return 0 if all_running else 3
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from airflow.sdk import BaseHook, BaseOperator
 from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from ct_airflow.links import RayJobLink
@@ -46,6 +46,10 @@ TIMEOUT = "TIMEOUT"
 ERROR = "ERROR"
 
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+# Names of variables that hold credentials. The Ray dashboard shows a job's runtime_env (and every
+# actor's and task's) to whoever can open it, and Ray's own logs print it: secrets belong in the
+# Ray nodes' environment instead.
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
 
 
 def ray_submission_id(
@@ -141,7 +145,19 @@ class RayJobHook(BaseHook):
         entrypoint_num_cpus: float | None = None,
         entrypoint_num_gpus: float | None = None,
     ) -> str:
-        """Submit a job under ``submission_id``; Ray refuses an id that exists already."""
+        """Submit a job under ``submission_id``; Ray refuses an id that exists already.
+
+        A runtime_env variable named like a secret is refused (see ``_SECRET_NAME``).
+        """
+        secret_names = sorted(
+            name for name in ((runtime_env or {}).get("env_vars") or {}) if _SECRET_NAME.search(name)
+        )
+        if secret_names:  # a retry would not help: fail the task
+            raise AirflowFailException(
+                f"Ray job {submission_id}: runtime_env.env_vars {secret_names} look like secrets, and the "
+                "Ray dashboard shows a job's runtime_env to all its users; set them in the Ray nodes' "
+                "environment instead (see README, Security)"
+            )
         optional = {"entrypoint_num_cpus": entrypoint_num_cpus, "entrypoint_num_gpus": entrypoint_num_gpus}
         return self.client.submit_job(
             entrypoint=entrypoint,
