@@ -4,8 +4,10 @@
     python docker/k8s/render_serve_config.py --check   # exit 1 when rayservice.yaml is stale
 
 The RayService must run the Serve config of serve/config.yaml (the deploy task changes only
-``user_config.model_version`` in it), with one difference: ``http_options.host`` is 0.0.0.0, since
-in a pod the Serve proxy has to listen on every interface. Only the lines between the two marker
+``user_config.model_version`` in it), with two differences: ``http_options.host`` is 0.0.0.0, since
+in a pod the Serve proxy has to listen on every interface; and production replicas: at least
+``PRODUCTION_MIN_REPLICAS``, at most one per Ray node, so that a lost node or replica leaves one
+serving (serve/config.yaml keeps 1 for the local demo). Only the lines between the two marker
 comments of rayservice.yaml are rewritten; the rest of that file is written by hand. The comments
 of serve/config.yaml are not carried over (the block is the parsed config, dumped again).
 """
@@ -30,6 +32,8 @@ POD_HTTP_HOST = "0.0.0.0"
 KEY_INDENT = "  "  # serveConfigV2 is a key of the RayService's spec
 BLOCK_INDENT = KEY_INDENT * 2
 REGENERATE = "python docker/k8s/render_serve_config.py"
+PRODUCTION_MIN_REPLICAS = 2
+MAX_REPLICAS_PER_NODE = 1
 
 
 class RenderError(ValueError):
@@ -37,9 +41,23 @@ class RenderError(ValueError):
 
 
 def expected_serve_config(serve_config: dict[str, Any]) -> dict[str, Any]:
-    """The Serve config the RayService must carry: serve/config.yaml with the proxy on 0.0.0.0."""
+    """The Serve config the RayService must carry: serve/config.yaml with the proxy on 0.0.0.0 and
+    at least ``PRODUCTION_MIN_REPLICAS`` replicas of every deployment, one per Ray node."""
     config = copy.deepcopy(serve_config)
     config["http_options"] = {**(config.get("http_options") or {}), "host": POD_HTTP_HOST}
+    for app in config.get("applications") or []:
+        for deployment in app.get("deployments") or []:
+            if scaling := deployment.get("autoscaling_config"):
+                least = max(PRODUCTION_MIN_REPLICAS, scaling.get("min_replicas") or 0)
+                deployment["autoscaling_config"] = {
+                    **scaling,
+                    "min_replicas": least,
+                    "initial_replicas": max(least, scaling.get("initial_replicas") or 0),
+                    "max_replicas": max(least, scaling.get("max_replicas") or 0),
+                }
+            else:
+                deployment["num_replicas"] = max(PRODUCTION_MIN_REPLICAS, deployment.get("num_replicas") or 1)
+            deployment["max_replicas_per_node"] = MAX_REPLICAS_PER_NODE
     return config
 
 
@@ -68,7 +86,7 @@ def _differences(expected: Any, actual: Any, path: str) -> list[str]:
 def serve_config_differences(rayservice_config: dict[str, Any], serve_config: dict[str, Any]) -> list[str]:
     """How the RayService's parsed serveConfigV2 differs from what serve/config.yaml requires.
 
-    Empty when they agree: same config, except ``http_options.host`` = 0.0.0.0 in the RayService.
+    Empty when they agree: same config, except the host and replicas of :func:`expected_serve_config`.
     """
     return _differences(expected_serve_config(serve_config), rayservice_config, "")
 
