@@ -21,13 +21,16 @@ neither does, ``"insufficient_data"`` (Evidently not run) if either side has few
 
 Pure computation: no S3, MLflow or Airflow here, and evidently (7-16 s to import) is imported
 inside :func:`compare`. The HTML report embeds example texts of both sides (Evidently shows the
-most telling ones when the text drifts): store it where the served texts may be read.
+most telling ones when the text drifts): store it where the served texts may be read. Those texts
+are chosen by whoever calls the service, so :func:`report_html` embeds them as inert data: no
+served text can end Evidently's ``<script>`` and become markup or code (issue 12).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -217,7 +220,7 @@ def compare(
         (text_score - 0.5) / (thresholds.text_roc_auc - 0.5), label_distance / thresholds.label_distance
     )
     verdict = DRIFT if text_drifted or label_drifted else NO_DRIFT
-    html = snapshot.get_html_str(as_iframe=False)
+    html = report_html(snapshot)
     seconds = time.perf_counter() - started
     log.info(
         "drift: %s (text ROC AUC %.3f, threshold %.2f; label JS distance %.3f, threshold %.2f; "
@@ -284,6 +287,48 @@ def _drift_value(snapshot: Any, metric: Any) -> tuple[float, bool]:
     if len(result.tests) != 1:
         raise RuntimeError(f"expected one drift test for {metric.column}, Evidently gave {len(result.tests)}")
     return float(result.value), result.tests[0].status == "FAIL"
+
+
+# --- the HTML report ------------------------------------------------------------------------------
+
+# Evidently 0.7's standalone page (evidently/legacy/utils/dashboard.py, file_html_template) puts the
+# whole report, served texts included, into one <script> as json.dumps output. json.dumps leaves
+# "<" and ">" alone, so a text holding "</script>" ended that script and the rest of it became
+# live markup. The two JSON values cannot hold a raw newline, so each one is exactly one line.
+_EVIDENTLY_DATA = re.compile(
+    r"<script>\n    var (?P<id>metric_[0-9a-f]{32}) = (?P<info>[^\n]*);\n"
+    r"    var additional_graphs_(?P=id) = (?P<graphs>[^\n]*);\n</script>"
+)
+# Inside a JSON string these characters may be written as \uXXXX escapes (and outside strings JSON
+# has none of them); then nothing in the data can read as "</script", "<!--" or a character entity.
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+
+
+def script_safe_json(json_text: str) -> str:
+    """JSON text rewritten so that it can sit inside an HTML ``<script>`` element: same value,
+    with ``<``, ``>`` and ``&`` as ``\\u`` escapes."""
+    return re.sub("[<>&]", lambda match: _SCRIPT_UNSAFE[match.group()], json_text)
+
+
+def report_html(snapshot: Any) -> str:
+    """Evidently's standalone HTML report with its data embedded as inert JSON.
+
+    Raises RuntimeError if the page does not have the layout this relies on (a new Evidently):
+    a report that cannot be made safe is not written at all.
+    """
+    html = snapshot.get_html_str(as_iframe=False)
+    blocks = list(_EVIDENTLY_DATA.finditer(html))
+    if len(blocks) != 1:
+        raise RuntimeError(
+            f"Evidently's HTML report has {len(blocks)} data blocks of the expected layout, not 1: "
+            "cannot embed the served texts safely (check ml.drift.report_html against this Evidently)"
+        )
+    (block,) = blocks
+    data = (
+        f"<script>\n    var {block['id']} = {script_safe_json(block['info'])};\n"
+        f"    var additional_graphs_{block['id']} = {script_safe_json(block['graphs'])};\n</script>"
+    )
+    return html[: block.start()] + data + html[block.end() :]
 
 
 # --- data preparation ----------------------------------------------------------------------------

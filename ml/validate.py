@@ -14,9 +14,13 @@ by earlier snapshots of the dataset, or, for the very first snapshot, every labe
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import html as html_text
 import io
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,26 +118,31 @@ class DataGate:
             frame[LABEL_COUNT_COLUMN] = frame.groupby(label, dropna=False)[label].transform("size")
         else:
             frame[LABEL_COUNT_COLUMN] = len(frame)
-        asset = self.source.add_dataframe_asset(f"batch-{batch_id}")
+        # The batch id is part of an uploaded object's key: GX gets a name that is safe in HTML
+        # (its Data Docs write asset names into the pages unescaped) and in a file name.
+        name = gx_safe_name(batch_id)
+        asset = self.source.add_dataframe_asset(f"batch-{name}")
         definition = self.context.validation_definitions.add(
             gx.ValidationDefinition(
-                name=f"validate {batch_id}",
+                name=f"validate {name}",
                 data=asset.add_batch_definition_whole_dataframe("whole batch"),
                 suite=self.suite,
             )
         )
         checkpoint = self.context.checkpoints.add(
             gx.Checkpoint(
-                name=f"gate {batch_id}",
+                name=f"gate {name}",
                 validation_definitions=[definition],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                actions=[],  # Data Docs are built below, from an HTML-escaped copy of the result
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
             )
         )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         ((identifier, result),) = outcome.run_results.items()
+        self._build_data_docs(identifier, result)
         failures = summarize_failures([r for r in result.results if not r.success])
-        html = self.docs_dir.joinpath("validations", *identifier.to_tuple()).with_suffix(".html")
+        *folders, page = identifier.to_tuple()  # not with_suffix: a "." in the batch name is no suffix
+        html = self.docs_dir.joinpath("validations", *folders, f"{page}.html")
         return BatchVerdict(
             batch_id=batch_id,
             rows=len(frame),
@@ -142,6 +151,55 @@ class DataGate:
             result=result.to_json_dict(),
             html=html if html.exists() else None,
         )
+
+    def _build_data_docs(self, identifier: Any, result: Any) -> None:
+        """Data Docs of one validation, rendered from :func:`docs_safe_result` of it: the result
+        kept in memory (failures, the JSON report) keeps the real values."""
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+        )
+
+        self.context.validation_results_store.set(identifier, docs_safe_result(result))
+        self.context.build_data_docs(
+            site_names=["pipeline"],
+            resource_identifiers=[identifier, ExpectationSuiteIdentifier(name=SUITE_NAME)],
+        )
+
+
+def gx_safe_name(batch_id: str) -> str:
+    """``batch_id`` if it holds only letters, digits, ``.``, ``_`` and ``-``; otherwise those
+    characters of it plus a hash of the whole id (distinct ids stay distinct)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", batch_id)
+    if safe == batch_id:
+        return batch_id
+    return f"{safe[:80]}-{hashlib.sha256(batch_id.encode()).hexdigest()[:10]}"
+
+
+def docs_safe_result(result: Any) -> Any:
+    """A copy of a suite validation result with every string that came from the data HTML-escaped.
+
+    GX 1.x Data Docs put an expectation's unexpected values (and its observed value) into the page
+    as raw HTML, so a batch with the label ``<img src=x onerror=...>`` ran script in whatever page
+    shows its Data Docs. The data reaches a result only through ``result`` (values, counts) and
+    ``exception_info`` (an error message may quote a value); the expectation's own arguments are
+    ours, and GX escapes them when it renders them.
+    """
+    safe = copy.deepcopy(result)
+    for expectation_result in safe.results:
+        expectation_result.result = _escaped(expectation_result.result)
+        if expectation_result.exception_info:
+            expectation_result.exception_info = _escaped(expectation_result.exception_info)
+    return safe
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return html_text.escape(value)
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    return value
 
 
 def summarize_failures(failed: list[Any]) -> list[str]:

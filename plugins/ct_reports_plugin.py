@@ -8,6 +8,11 @@ task instances open them with Airflow's own access control and no public bucket.
 
 Only report objects are served: keys under ``reports/`` and the validation reports under
 ``quarantine/<dataset>/<batch>/_validation/``. Raw or quarantined data itself is never served.
+
+Reports are built from untrusted text (served texts, uploaded batches). The pipeline escapes it
+when it writes them (:func:`ml.drift.report_html`, :func:`ml.validate.docs_safe_result`), and this
+plugin serves every report so that, should something slip through, it still runs nowhere that
+matters: see :data:`REPORT_HEADERS`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,47 @@ from fastapi.responses import Response
 
 _REPORT_KEY = re.compile(r"^(reports/[^?#]+|quarantine/[^/]+/[^/]+/_validation/[^/?#]+)$")
 
+# Every report response carries these. The page is served from Airflow's origin, whose cookie
+# (``_token``) and API a script in it could otherwise use as the logged-in user.
+# - ``sandbox allow-scripts`` (no ``allow-same-origin``): the page runs in an opaque origin. It can
+#   read no cookie or storage of Airflow's, and its requests are cross-site, so the SameSite=Lax
+#   ``_token`` cookie does not go with them. Scripts stay allowed: Evidently's report is a React app
+#   that draws itself from inline JSON (without scripts it is a blank page). No ``allow-forms``,
+#   ``allow-popups``, ``allow-top-navigation``, ``allow-modals``.
+# - ``default-src 'none'`` and ``connect-src``/``form-action`` ``'none'``: no fetch, XHR, WebSocket,
+#   beacon or form anywhere; scripts, styles, images and fonts only inline, ``data:`` or from the
+#   page's own folder (``'self'``: the Data Docs' static/ files). No other origin at all: GX Data
+#   Docs reference Bootstrap, jQuery and Vega on public CDNs, unpinned; they render without them
+#   (unstyled) and never load third-party code into a page opened by Airflow users.
+#   ``'unsafe-inline'`` is needed by both report kinds (their code and data are inline); what keeps
+#   text from becoming code is the escaping when the reports are written.
+# - ``frame-ancestors 'self'``: only Airflow's own pages may frame a report (no clickjacking).
+# - ``nosniff``: a report is only ever what its Content-Type says (JSON is never sniffed as HTML).
+# - ``no-referrer``, ``no-store``: report URLs and contents stay out of other sites' logs and caches.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self' 'unsafe-inline'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "connect-src 'none'",
+        "form-action 'none'",
+        "base-uri 'none'",
+        "frame-ancestors 'self'",
+        "sandbox allow-scripts",
+    )
+)
+REPORT_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "private, no-store",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+# Types a browser shows in the page; anything else (parquet, unknown) is a download.
+_INLINE_TYPES = ("text/html", "application/json", "text/css", "application/javascript", "image/")
+
 app = FastAPI(
     title="Continuous-training reports",
     description="Data Docs and drift reports from the data bucket, for logged-in Airflow users.",
@@ -34,11 +80,19 @@ def report_response(key: str) -> Response:
     from ml.storage import ObjectStore, guess_type
 
     if not _REPORT_KEY.match(key) or ".." in key.split("/"):
-        raise HTTPException(404, f"{key!r} is not a report: only reports/… and quarantine/…/_validation/…")
+        raise HTTPException(
+            404,
+            f"{key!r} is not a report: only reports/… and quarantine/…/_validation/…",
+            headers=REPORT_HEADERS,
+        )
     store = ObjectStore(pipeline_settings())
     if not store.exists(key):
-        raise HTTPException(404, f"s3://{store.bucket}/{key} does not exist")
-    return Response(store.get_bytes(key), media_type=guess_type(key), headers={"Cache-Control": "private"})
+        raise HTTPException(404, f"s3://{store.bucket}/{key} does not exist", headers=REPORT_HEADERS)
+    media_type = guess_type(key)  # text/* gets "; charset=utf-8" from Starlette
+    headers = dict(REPORT_HEADERS)
+    if not media_type.startswith(_INLINE_TYPES):
+        headers["Content-Disposition"] = "attachment"
+    return Response(store.get_bytes(key), media_type=media_type, headers=headers)
 
 
 @app.get("/reports/{key:path}", summary="A report object from the data bucket")
