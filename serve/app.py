@@ -288,6 +288,18 @@ def _openapi() -> dict[str, Any]:
 api.openapi = _openapi  # type: ignore[method-assign]
 
 
+def _publish_limits(max_texts: int, max_chars: int) -> None:
+    """Make the OpenAPI document state these limits.
+
+    A module-level function on purpose: Serve ships the deployment class to replicas by value, with
+    copies of the globals its methods use, so a method assigning this module's globals itself would
+    change only its copies; a call into this function reaches the module the document is built from.
+    """
+    global _contract_limits
+    if _contract_limits != (max_texts, max_chars):
+        _contract_limits, api.openapi_schema = (max_texts, max_chars), None
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
@@ -347,10 +359,8 @@ class Classifier:
     # ---- configuration ------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        global _contract_limits
         options = ServeOptions.model_validate(user_config or {})
-        if _contract_limits != (limits := (options.max_texts_per_request, options.max_text_chars)):
-            _contract_limits, api.openapi_schema = limits, None
+        _publish_limits(options.max_texts_per_request, options.max_text_chars)
         self._classify.set_max_batch_size(options.max_batch_size)
         self._classify.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self._threads = options.torch_threads or _assigned_cpus()

@@ -4,8 +4,6 @@ for ZeRO stage 0 (whole-module file) and 3 (sharded parameters), and holds no pi
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,6 @@ from ml.train import CHECKPOINT_TAG, STATE_FILE, TrainConfig, deepspeed_config, 
 
 LABELS = ("Business", "Sci_Tech", "Sports", "World")
 TEXTS = ["Stocks rallied after the earnings report.", "The home team won in overtime.", "New chip design"]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [0, 3])
