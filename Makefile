@@ -45,6 +45,9 @@ test-fast: setup ## Unit and DAG tests only (no services)
 bench-serve: setup ## Serving benchmark: batched vs unbatched vs bare model (starts Ray; BENCH_ARGS=...)
 	@$(PY) benchmarks/serve_bench.py $(BENCH_ARGS)
 
+bench-hostile: setup ## What hostile requests cost normal clients: p50/throughput alone vs under attack (starts Ray)
+	@$(PY) benchmarks/hostile_bench.py $(BENCH_ARGS)
+
 soak: setup ## Soak benchmark: 30 min steady load on 2 replicas, RSS + p99 per minute (BENCH_ARGS=--minutes 10)
 	@$(PY) benchmarks/soak.py $(BENCH_ARGS)
 
@@ -62,4 +65,4 @@ clean: down ## Stop the stack and delete its state (.state/)
 
 .PHONY: help setup up down status seed demo lint test test-fast bench-serve clean
 .PHONY: ui-check docker-check image-requirements
-.PHONY: soak
+.PHONY: soak bench-hostile
