@@ -398,7 +398,7 @@ class ServeDeployer:
         Returns ``{"name", "version", "run_id", "previous", "previous_version", "previous_config",
         "seconds"}``: what :meth:`rollback` needs if a later check (the smoke test) fails.
         """
-        target = self.target(version, model_name, run_id)
+        target = self.target(version, model_name, run_id or self._run_id_of(model_name, version))
         started = time.monotonic()
         previous_config = self.current_config()
         before = self.serving()
@@ -424,6 +424,18 @@ class ServeDeployer:
             "previous_config": previous_config,
             "seconds": seconds,
         }
+
+    def _run_id_of(self, model_name: str | None, version: str | int) -> str | None:
+        """The version's training run from the registry: with it, a reused number is not mistaken."""
+        name = model_name or self.settings.registered_model
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri)
+            return client.get_model_version(name, str(version)).run_id or None
+        except Exception as err:  # the registry is the replicas' source too: they will say more
+            log.warning("could not look up the training run of %s v%s: %s", name, version, err)
+            return None
 
     def wait_for_model(self, target: ModelId, replicas_checks: int = 6) -> Serving:
         """Until the app is RUNNING and ``replicas_checks`` answers in a row name ``target``.
@@ -504,8 +516,11 @@ class ServeDeployer:
         texts = list(expected["texts"]) if expected else list(DEFAULT_SMOKE_TEXTS)
         info = self.serving()
         if info is None:
-            raise DeployError("GET /v1/model does not answer")
-        answer = self.predict(texts)
+            raise DeployError(f"smoke test of {target} failed: GET /v1/model does not answer")
+        try:
+            answer = self.predict(texts)
+        except (DeployError, requests.RequestException) as err:
+            raise DeployError(f"smoke test of {target} failed: {err}") from err
         problems = []
         answered = ModelId(
             str(answer["model"]["name"]), str(answer["model"]["version"]), answer["model"].get("run_id")

@@ -220,7 +220,7 @@ def test_a_poisoned_request_fails_no_other_request(models, deployer, agnews):
 
     _, versions, _ = models
     _serve(deployer, versions["good"])
-    texts = agnews["text"].head(36).tolist()
+    texts = agnews["text"].head(37).tolist()
     poisoned = '{"texts": ["Markets rallied today.", "\\ud800 poisoned"]}'
 
     def send(i: int) -> tuple[int, str]:
@@ -292,6 +292,7 @@ def test_failed_smoke_test_rolls_back(models, deployer, agnews):
     with pytest.raises(DeployError) as failure:
         deployer.verify(deployed, expected)
     message = str(failure.value)
+    assert deployed["run_id"]  # the deployer looked the version's training run up
     assert f"v{versions['good']} (run {deployed['run_id'][:8]}) failed: text 0: served" in message
     assert f"Rolled back: {deployer.settings.registered_model} v{versions['rotated']}" in message
     assert deployer.serving().version == versions["rotated"]

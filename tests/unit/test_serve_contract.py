@@ -246,3 +246,17 @@ def test_model_cache_is_keyed_by_training_run_not_only_version(tmp_path, monkeyp
     other = app.fetch_export(Client(), "m", "1", "run-b")
     assert other != first and len(downloads) == 2
     assert (other / "weights").read_text() != (first / "weights").read_text()
+
+
+def test_a_model_is_its_name_version_and_run():
+    from serve.deploy import ModelId, Serving
+
+    a2, b2 = ModelId("A", "2", "run-a"), ModelId("B", "2", "run-b")
+    assert not a2.matches(b2)  # the same number is not the same model
+    assert not a2.matches(ModelId("A", "2", "run-x"))  # a recreated registry reused the number
+    assert a2.matches(ModelId("A", "2")) and ModelId("A", "2").matches(a2)  # run unknown: any
+    info = {"name": "A", "version": "2", "run_id": "run-a", "labels": ["x"], "requested": "B@2"}
+    kept_a = Serving.from_json({**info, "last_load_error": "B@2: SafetensorError", "failed_request": "B@2"})
+    assert kept_a.failed_to_load(b2) and not kept_a.model.matches(b2)
+    assert not kept_a.failed_to_load(ModelId("C", "3"))  # a failure of another request is not ours
+    assert not Serving.from_json({**info, "requested": "A@2", "last_load_error": None}).failed_to_load(a2)
