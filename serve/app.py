@@ -25,11 +25,14 @@ Run it: ``serve deploy serve/config.yaml`` (or ``serve run serve.app:classifier_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,6 +150,40 @@ def fetch_export(client: Any, name: str, version: str, run_id: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final / "export"
+
+
+LOAD_NICENESS = 10  # model loads yield the CPU to requests being served (Linux: this thread only)
+
+
+async def _in_low_priority_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a thread of its own at a lower CPU priority than request handling.
+
+    A model load (download, safetensors, tokenizer) takes seconds of CPU. It runs beside serving: a
+    replica swapping models in place keeps answering with the old one, and a replica started to
+    replace a lost one shares the node's cores with the replicas carrying the load meanwhile. On
+    Linux a thread's niceness is its own, so only the load yields; the thread ends with it (the
+    worker threads that run inference keep their priority).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: Any = None, error: BaseException | None = None) -> None:
+        if not done.done():  # the awaiting task may have been cancelled meanwhile
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):  # not allowed here: load at normal priority
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+        try:
+            result = fn(*args)
+        except BaseException as err:
+            loop.call_soon_threadsafe(settle, None, err)
+        else:
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=run, name="ct-model-load", daemon=True).start()
+    return await done
 
 
 def _model_fields(options: ServeOptions) -> tuple[Any, ...]:
@@ -374,7 +411,7 @@ class Classifier:
             started = time.perf_counter()
             log.info("loading model %s", options.reference())
             try:
-                model = await asyncio.to_thread(load_model, options)
+                model = await _in_low_priority_thread(load_model, options)
             except Exception as err:
                 self._load_failures.inc()
                 self._load_error = f"{options.reference()}: {type(err).__name__}: {err}"
