@@ -7,6 +7,7 @@ connections, see ``plugins/ct_airflow/connections.py``). Nothing here touches th
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -181,6 +182,14 @@ class Settings(BaseSettings):
 
 
 SECRET_FIELDS = frozenset({"s3_access_key", "s3_secret_key"})
+# Environment variables named like this hold secrets: never put them in a Ray runtime_env (the
+# dashboard shows it to anyone who can open it, and Ray's runtime-env agent logs it).
+SECRET_ENV_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for an environment variable that holds a secret (a ``*_PATH``/``*_FILE`` only points to one)."""
+    return bool(SECRET_ENV_NAME.search(name)) and not name.upper().endswith(("_PATH", "_FILE"))
 
 
 def settings_env(settings: Settings, include_secrets: bool = False) -> dict[str, str]:

@@ -764,8 +764,12 @@ def _ray_storage(settings: Settings) -> tuple[str, Any]:
 
 
 def _worker_env() -> dict[str, str]:
+    """The job's settings for the Train workers' runtime_env: no secrets, which the Ray dashboard
+    would show; the workers get S3 credentials from their node's environment, like this job."""
+    from ml.settings import is_secret_name
+
     keep = ("CT_", "MLFLOW_", "AWS_", "HF_", "RAY_AUTH")
-    env = {k: v for k, v in os.environ.items() if k.startswith(keep)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(keep) and not is_secret_name(k)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

@@ -49,7 +49,6 @@ _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 # Names of variables that hold credentials. The Ray dashboard shows a job's runtime_env (and every
 # actor's and task's) to whoever can open it, and Ray's own logs print it: secrets belong in the
 # Ray nodes' environment instead.
-_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
 
 
 def ray_submission_id(
@@ -147,10 +146,12 @@ class RayJobHook(BaseHook):
     ) -> str:
         """Submit a job under ``submission_id``; Ray refuses an id that exists already.
 
-        A runtime_env variable named like a secret is refused (see ``_SECRET_NAME``).
+        A runtime_env variable named like a secret is refused (``ml.settings.is_secret_name``).
         """
+        from ml.settings import is_secret_name
+
         secret_names = sorted(
-            name for name in ((runtime_env or {}).get("env_vars") or {}) if _SECRET_NAME.search(name)
+            name for name in ((runtime_env or {}).get("env_vars") or {}) if is_secret_name(name)
         )
         if secret_names:  # a retry would not help: fail the task
             raise AirflowFailException(

@@ -55,3 +55,18 @@ def test_settings_handed_to_a_ray_job_read_back_the_same(monkeypatch):
         for key, value in settings_env(configured, include_secrets=True).items():
             monkeypatch.setenv(key, value)
         assert Settings() == configured
+
+
+def test_train_workers_runtime_env_carries_no_secret(monkeypatch):
+    """The Train workers' runtime_env shows in the Ray dashboard: the node env has the credentials."""
+    from ml.train import _worker_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    monkeypatch.setenv("CT_S3_SECRET_KEY", "s3cret")
+    monkeypatch.setenv("CT_SERVE_API_TOKEN", "tok")
+    monkeypatch.setenv("CT_DATASET", "agnews")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/state/ray/auth_token")
+    env = _worker_env()
+    assert "s3cret" not in env.values() and "tok" not in env.values() and "key-id" not in env.values()
+    assert env["CT_DATASET"] == "agnews" and env["RAY_AUTH_TOKEN_PATH"] == "/state/ray/auth_token"
