@@ -42,7 +42,7 @@ from typing import Any, NoReturn
 import requests
 import yaml
 
-from ml.settings import Settings, load_settings, settings_env
+from ml.settings import Settings, is_secret_name, load_settings, settings_env
 from serve.schemas import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,14 @@ class ServeDeployer:
         ServeOptions.model_validate(user_config)  # refuse a bad config here, not in the replica
         deployment["user_config"] = user_config
         runtime_env = app.setdefault("runtime_env", {}) or {}
-        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **settings_env(self.settings)}
+        kept = runtime_env.get("env_vars") or {}
+        if secrets := sorted(name for name in kept if is_secret_name(name)):
+            log.warning(
+                "the running application's runtime_env sets %s, which the Ray dashboard shows to all its "
+                "users: move them to the Ray nodes' environment (README, Security)",
+                ", ".join(secrets),
+            )
+        runtime_env["env_vars"] = {**kept, **settings_env(self.settings)}
         app["runtime_env"] = runtime_env
         return config
 
