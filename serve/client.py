@@ -7,6 +7,7 @@ answers = predict("http://127.0.0.1:8000", ["Stocks fell sharply", "The match en
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import requests
@@ -27,10 +28,14 @@ def predict(
     timeout: float = 60,
     session: requests.Session | None = None,
 ) -> list[dict[str, Any]]:
-    """POST ``texts`` to ``/v1/predict``, ``chunk`` per request; one prediction per text, in order."""
+    """POST ``texts`` to ``/v1/predict``, ``chunk`` per request; one prediction per text, in order.
+
+    ``token`` defaults to ``CT_SERVE_API_TOKEN`` from the environment (the service's own setting).
+    """
     if not 1 <= chunk <= MAX_TEXTS_PER_REQUEST:
         raise ValueError(f"chunk must be 1..{MAX_TEXTS_PER_REQUEST}, got {chunk}")
     http = session or requests.Session()
+    token = token or os.environ.get("CT_SERVE_API_TOKEN")  # serve.app.API_TOKEN_ENV
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     predictions: list[dict[str, Any]] = []
     try:
