@@ -919,6 +919,84 @@ async def _run(
             await cdp.close()
 
 
+async def _inspect(
+    browser: Browser,
+    base_url: str,
+    user: str,
+    password: str,
+    probes: dict[str, tuple[str, str]],
+    out_dir: Path,
+    report: UiReport,
+    timeout: float,
+    results: dict[str, dict[str, Any]],
+) -> None:
+    ws_url = browser.ws_url()
+    async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
+        cdp = Cdp(ws, timeout)
+        try:
+            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
+            attached = await cdp.send(
+                "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+            )
+            page = Page(cdp, attached["sessionId"], _origin(base_url), timeout)
+            await page.enable()
+            await page.set_viewport(*VIEWPORT)
+            checker = UiChecker(page, base_url, out_dir, report)
+            await checker.stage("login", "ui", lambda: checker.login(user, password))
+            if not any(c.kind == "login" and c.ok for c in report.results):
+                return
+            for name, (url, probe) in probes.items():
+                page.stage = name
+                mark = len(page.events)
+                await page.navigate(url)
+                await page.settle(2.0)
+                value = await page.js(probe)
+                await page.settle(1.0)
+                await checker.shot(f"inspect-{name}")
+                results[name] = {"value": value, "events": page.errors_since(mark)}
+        finally:
+            await cdp.close()
+
+
+def inspect_pages(
+    base_url: str,
+    user: str,
+    password: str,
+    probes: dict[str, tuple[str, str]],
+    out_dir: Path,
+    timeout: float = 45.0,
+) -> tuple[UiReport, dict[str, dict[str, Any]]]:
+    """Log in through the form like a person, then open each page and evaluate a JS expression in
+    it (awaited if it returns a promise): ``probes`` is {name: (url, expression)}.
+
+    Returns the report (login, browser failures, screenshots) and, per name, ``value`` (what the
+    expression returned) and ``events`` (JS exceptions, console errors, CSP refusals and failed
+    Airflow requests while the page was open). Every wait is bounded by ``timeout`` seconds.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report, results = UiReport(), {}
+    browser = Browser(find_chromium(), timeout)
+    try:
+        asyncio.run(
+            asyncio.wait_for(
+                _inspect(
+                    browser, base_url.rstrip("/"), user, password, probes, out_dir, report, timeout, results
+                ),
+                4 * timeout + 3 * timeout * len(probes),
+            )
+        )
+    except TimeoutError as exc:
+        report.results.append(Check(False, "browser", "ui", str(exc) or "the inspection ran past its budget"))
+    except (UiTimeout, CdpError, OSError, RuntimeError, WebSocketException) as exc:
+        report.results.append(Check(False, "browser", "ui", f"{type(exc).__name__}: {exc}"))
+    finally:
+        browser.close()
+    report.seconds = time.monotonic() - started
+    return report, results
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
