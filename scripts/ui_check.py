@@ -371,7 +371,9 @@ class Page:
         elif method == "Network.loadingFailed" and not params.get("canceled"):
             # canceled: the page itself dropped the request (navigation, aborted fetch), no error
             url = self._request_urls.get(params.get("requestId", ""), "")
-            if self._ours(url):
+            # The browser's own favicon request from a sandboxed report (an opaque origin, so no
+            # login cookie) gets Airflow's 401 JSON, which ORB blocks: not the page's failure.
+            if self._ours(url) and urlsplit(url).path != "/favicon.ico":
                 self._record(f"request failed: {params.get('errorText')} ({params.get('type')}) {url}")
 
     def errors_since(self, mark: int) -> list[str]:

@@ -190,10 +190,8 @@ def test_hostile_served_texts_stay_text_from_log_to_browser(request, store, airf
     # the examples are shown, as text
     shown = result["value"]["text"]
     assert sum(payload[:25] in shown for payload in hostile_texts(listener)) >= 2, shown[:3000]
-    # the report's own scripts ran under the policy: no refusal, no error (the browser's own
-    # favicon request, from the page's opaque origin, is refused by ORB: not the report's)
-    events = [e for e in result["events"] if not e.endswith("/favicon.ico")]
-    assert events == [], events
+    # the report's own scripts ran under the policy: no refusal, no error
+    assert result["events"] == [], result["events"]
 
 
 def test_hostile_batch_data_docs_stay_text_from_upload_to_browser(
