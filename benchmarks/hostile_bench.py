@@ -6,7 +6,10 @@ One run, side by side on the same replica: ``--concurrency`` normal clients (one
 
 * ``wrong-types``: a 1.2 MB body, ``{"texts": [0, 1, ..., 199999]}`` (a list far over the limit);
 * ``many-problems``: 64 numbers instead of texts plus a 1.2 MB unknown field name;
-* ``surrogates``: valid JSON whose texts are lone surrogates (``"\\ud800"``), which no tokenizer reads.
+* ``surrogates``: valid JSON whose texts are lone surrogates (``"\\ud800"``), which no tokenizer reads;
+* ``valid-extra``: the same number of extra clients sending valid 4-text requests, for comparison:
+  on a small machine any extra traffic costs the others something; a bad request should cost no
+  more than a good one.
 
 For each phase it prints the normal clients' texts/s and p50/p99 latency, their errors, and the
 hostile requests' statuses and the largest error body; then the ratio of the normal clients' p50
@@ -47,6 +50,8 @@ from serve_bench import (
 )
 
 HOSTILE_BODIES = {
+    # the fair comparison: the same number of extra clients sending valid 4-text requests
+    "valid-extra": json.dumps({"texts": ["Stocks rallied as the central bank held rates."] * 4}).encode(),
     "wrong-types": json.dumps({"texts": list(range(200_000))}).encode(),
     "many-problems": json.dumps({"texts": list(range(64)), "x" * 1_200_000: 0}).encode(),
     "surrogates": b'{"texts": [' + b",".join([b'"\\ud800 poisoned"'] * 64) + b"]}",
