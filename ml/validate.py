@@ -370,6 +370,9 @@ def validate_snapshot(
     return summary
 
 
+REPORTS_FOLDER = "_validation"  # quarantine/<dataset>/<batch>/_validation/: the batch's reports
+
+
 def quarantine_batch(
     store: ObjectStore,
     settings: Settings,
@@ -381,7 +384,7 @@ def quarantine_batch(
     """Move a failed batch's raw files to quarantine/, report first, so nothing is ever lost."""
     snapshot_id = manifest["snapshot_id"]
     base = f"{QUARANTINE}/{settings.dataset}/{verdict.batch_id}"
-    report_key = f"{base}/_validation/{snapshot_id}.json"
+    report_key = f"{base}/{REPORTS_FOLDER}/{snapshot_id}.json"
     store.put_json(
         report_key,
         {
@@ -393,14 +396,19 @@ def quarantine_batch(
     )
     html_key = None
     if verdict.html is not None:
-        html_key = f"{base}/_validation/{snapshot_id}.html"
+        html_key = f"{base}/{REPORTS_FOLDER}/{snapshot_id}.html"
         store.put_file(html_key, verdict.html, "text/html")
     raw_batch = f"{RAW}/{settings.dataset}/{verdict.batch_id}/"
     moved = []
     for obj in manifest["objects"]:
         if obj["batch_id"] != verdict.batch_id:
             continue
-        destination = f"{base}/{obj['key'].removeprefix(raw_batch)}"
+        relative = obj["key"].removeprefix(raw_batch)
+        if relative.split("/", 1)[0] == REPORTS_FOLDER:
+            # _validation/ holds our reports, which ct_reports serves to Airflow users: an uploaded
+            # file never lands there (nor overwrites a report), it keeps its path under _uploaded/
+            relative = f"_uploaded/{relative}"
+        destination = f"{base}/{relative}"
         store.move(obj["key"], destination)
         moved.append(destination)
     log.warning(

@@ -106,3 +106,40 @@ def test_label_sources_in_order_of_precedence(small_batch):
         "CT_ALLOWED_LABELS",
     )
     assert resolve_allowed_labels(Settings(), frames, {"Business"}) == (["Business"], "earlier snapshots")
+
+
+def test_an_uploaded_file_never_lands_among_the_reports(tmp_path):
+    """quarantine/<ds>/<batch>/_validation/ is served to Airflow users as reports: an uploader's
+    raw/<ds>/<batch>/_validation/x.html is moved beside the batch's other files, not there."""
+    from ml.settings import Settings
+    from ml.validate import BatchVerdict, quarantine_batch
+
+    class Store:  # the three ObjectStore calls quarantine_batch makes, in memory
+        bucket = "ct-data"
+
+        def __init__(self) -> None:
+            self.objects: dict[str, bytes] = {}
+
+        def put_json(self, key, data) -> None:
+            self.objects[key] = b"json"
+
+        def put_file(self, key, path, content_type=None) -> None:
+            self.objects[key] = b"html"
+
+        def move(self, src, dst) -> None:
+            self.objects[dst] = self.objects.pop(src)
+
+    settings = Settings(dataset="news")
+    store = Store()
+    raw = "raw/news/b1"
+    uploaded = [f"{raw}/part.csv", f"{raw}/_validation/x.html", f"{raw}/_validation/s1.json"]
+    store.objects.update({key: b"upload" for key in uploaded})
+    manifest = {"snapshot_id": "s1", "objects": [{"key": key, "batch_id": "b1"} for key in uploaded]}
+    verdict = BatchVerdict(batch_id="b1", rows=3, success=False, failures=["bad"], result={}, html=None)
+    quarantine_batch(store, settings, manifest, verdict, "reports/validation/s1/data_docs", tmp_path)
+
+    reports = {k: v for k, v in store.objects.items() if "/_validation/" in k and "_uploaded" not in k}
+    assert reports == {"quarantine/news/b1/_validation/s1.json": b"json"}  # ours, not overwritten
+    assert store.objects["quarantine/news/b1/_uploaded/_validation/x.html"] == b"upload"  # kept
+    assert store.objects["quarantine/news/b1/_uploaded/_validation/s1.json"] == b"upload"
+    assert store.objects["quarantine/news/b1/part.csv"] == b"upload"
