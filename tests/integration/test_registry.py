@@ -67,6 +67,7 @@ def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
     assert first == {
         "name": settings.registered_model,
         "version": "1",
+        "run_id": run_1,  # the deploy's identity check: a version number alone can be reused
         "promoted": True,
         "forced": False,
         "champion_version": "1",
