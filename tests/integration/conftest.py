@@ -63,3 +63,12 @@ def store(settings) -> ObjectStore:
     store = ObjectStore(settings)
     store.ensure_bucket()
     return store
+
+
+def restore_serve(deployer, before: dict | None) -> None:
+    """Put the Serve config back as a test found it: ``before``, or without our app if it had none."""
+    if before is not None:
+        deployer.apply(before)
+    else:
+        apps = (deployer.current_config() or {}).get("applications", [])
+        deployer.apply({"applications": [a for a in apps if a["name"] != deployer.app_name]})

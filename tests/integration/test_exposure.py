@@ -43,6 +43,7 @@ def serving(local_stack, tmp_path_factory):
     replica are listeners too); Serve is left as it was found."""
     local_stack.require("s3", "mlflow", "ray", "airflow")
     from serve.deploy import ServeDeployer
+    from tests.integration.conftest import restore_serve
     from tests.model_factory import build_export, register_export
 
     settings = Settings(registered_model=f"it-exposure-{uuid.uuid4().hex[:8]}")
@@ -51,13 +52,7 @@ def serving(local_stack, tmp_path_factory):
     before = deployer.current_config()
     deployer.deploy(version)
     yield settings
-    if before is not None:
-        deployer.apply(before)
-    else:
-        others = [
-            a for a in (deployer.current_config() or {}).get("applications", []) if a["name"] != "classifier"
-        ]
-        deployer.apply({"applications": others})
+    restore_serve(deployer, before)
 
 
 # ---- listeners -------------------------------------------------------------------------------

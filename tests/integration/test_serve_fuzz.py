@@ -20,6 +20,7 @@ import requests
 
 from ml.settings import Settings
 from serve.deploy import ServeDeployer
+from tests.integration.conftest import restore_serve
 from tests.model_factory import build_export, register_export
 
 pytestmark = pytest.mark.integration
@@ -44,13 +45,7 @@ def fuzz_app(local_stack, tmp_path_factory):
     deployer.apply(config)
     deployer.wait_for_model(deployer.target(version))
     yield deployer
-    if before is not None:
-        deployer.apply(before)
-    else:
-        others = [
-            a for a in (deployer.current_config() or {}).get("applications", []) if a["name"] != "classifier"
-        ]
-        deployer.apply({"applications": others})
+    restore_serve(deployer, before)
 
 
 def _fuzz(operation, mode, cases: int, checks) -> tuple[Counter, list[str]]:

@@ -23,6 +23,7 @@ from ml.settings import Settings
 from ml.storage import ObjectStore
 from serve.deploy import DeployError, ServeDeployer
 from tests.conftest import REPO_ROOT
+from tests.integration.conftest import restore_serve
 from tests.model_factory import build_export, corrupt_export, nan_head, register_export, rotate_head
 
 pytestmark = pytest.mark.integration
@@ -116,13 +117,7 @@ def deployer(models):
     before = deployer.current_config()
     yield deployer
     # leave Serve as the tests found it
-    if before is not None:
-        deployer.apply(before)
-    else:
-        others = [
-            a for a in (deployer.current_config() or {}).get("applications", []) if a["name"] != "classifier"
-        ]
-        deployer.apply({"applications": others})
+    restore_serve(deployer, before)
 
 
 def _serve(deployer: ServeDeployer, version: str) -> None:
