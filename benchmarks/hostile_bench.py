@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import sys
 import tempfile
 import threading
@@ -37,16 +35,15 @@ from typing import Any
 from serve_bench import (
     APP_NAME,
     DEFAULT_DATA,
-    REPO_ROOT,
     BenchApp,
     Window,
     _auth_header,
-    _interrupt,
     _percentiles_ms,
     _rmtree,
     _threads_load,
     build_export,
     load_texts,
+    start_local_ray,
 )
 
 HOSTILE_BODIES = {
@@ -114,15 +111,7 @@ def phase(url: str, texts: list[str], args: argparse.Namespace, hostile: str | N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import stack
-
-    for key, value in stack.service_env().items():  # before anything imports ray
-        os.environ.setdefault(key, value)
-    stack.up(["ray"])
+    start_local_ray()
 
     import yaml
 

@@ -1139,6 +1139,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
+def start_local_ray() -> None:
+    """Start-up of a benchmark on the local stack: offline model, Ray's client settings (read once
+    per process, so before anything imports ray), SIGTERM as Ctrl-C, and the Ray head running."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import stack
+
+    for key, value in stack.service_env().items():
+        os.environ.setdefault(key, value)
+    if stack.up(["ray"]):
+        print("   started the local Ray head (it keeps running: `make down` stops it)", file=sys.stderr)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

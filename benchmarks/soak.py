@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import os
 import shlex
-import signal
 import socket
 import sys
 import tempfile
@@ -46,13 +45,13 @@ from serve_bench import (
     BenchApp,
     _auth_header,
     _git_commit,
-    _interrupt,
     _local_pids,
     _machine,
     _percentiles_ms,
     _rmtree,
     build_export,
     load_texts,
+    start_local_ray,
 )
 
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results" / "soak.jsonl"
@@ -262,16 +261,7 @@ async def soak(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import stack
-
-    for key, value in stack.service_env().items():  # before anything imports ray
-        os.environ.setdefault(key, value)
-    if stack.up(["ray"]):
-        print("   started the local Ray head (it keeps running: `make down` stops it)", file=sys.stderr)
+    start_local_ray()
 
     from ml.settings import load_settings
     from serve.deploy import ServeDeployer

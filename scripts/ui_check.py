@@ -898,14 +898,7 @@ async def _run(
     async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
         cdp = Cdp(ws, timeout)
         try:
-            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-            attached = await cdp.send(
-                "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
-            )
-            page = Page(cdp, attached["sessionId"], _origin(base_url), timeout)
-            await page.enable()
-            width, height = VIEWPORT
-            await page.set_viewport(width, height)
+            page = await _new_page(cdp, base_url, timeout)
             checker = UiChecker(page, base_url, out_dir, report)
             await checker.stage("login", "ui", lambda: checker.login(user, password))
             if not any(c.kind == "login" and c.ok for c in report.results):
@@ -919,6 +912,16 @@ async def _run(
                 await checker.stage("link", name, lambda name=name, url=url: checker.linked_page(url, name))
         finally:
             await cdp.close()
+
+
+async def _new_page(cdp: Cdp, base_url: str, timeout: float) -> Page:
+    """A blank tab attached to ``cdp``, its events enabled, at the check's viewport size."""
+    target = await cdp.send("Target.createTarget", {"url": "about:blank"})
+    attached = await cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
+    page = Page(cdp, attached["sessionId"], _origin(base_url), timeout)
+    await page.enable()
+    await page.set_viewport(*VIEWPORT)
+    return page
 
 
 async def _inspect(
@@ -936,13 +939,7 @@ async def _inspect(
     async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
         cdp = Cdp(ws, timeout)
         try:
-            target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-            attached = await cdp.send(
-                "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
-            )
-            page = Page(cdp, attached["sessionId"], _origin(base_url), timeout)
-            await page.enable()
-            await page.set_viewport(*VIEWPORT)
+            page = await _new_page(cdp, base_url, timeout)
             checker = UiChecker(page, base_url, out_dir, report)
             await checker.stage("login", "ui", lambda: checker.login(user, password))
             if not any(c.kind == "login" and c.ok for c in report.results):

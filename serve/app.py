@@ -350,6 +350,38 @@ async def _refused(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+def _log_records(
+    request_id: str,
+    model: LoadedModel,
+    texts: list[str],
+    predictions: list[Prediction],
+    rows: list[np.ndarray],
+) -> list[dict[str, Any]]:
+    """The prediction-log rows of one answered request: one per text.
+
+    Defined above the deployment class on purpose: Serve pickles the class by value when it is
+    decorated, with the module globals its methods use that exist at that moment.
+    """
+    import json
+
+    now = datetime.now(UTC)
+    labels = model.classifier.labels
+    return [
+        {
+            "ts": now,
+            "request_id": request_id,
+            "text": text,
+            "label": p.label,
+            "score": p.score,
+            "scores": json.dumps({label: round(float(x), 6) for label, x in zip(labels, probs, strict=True)}),
+            "model_name": model.name,
+            "model_version": model.version,
+            "model_run_id": model.run_id,
+        }
+        for text, p, probs in zip(texts, predictions, rows, strict=True)
+    ]
+
+
 @serve.deployment(
     name="Classifier",
     max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
@@ -628,41 +660,10 @@ class Classifier:
         if self._prediction_log is None:
             return
         try:
-            self._log_predictions(request_id, model, texts, predictions, rows)
+            self._prediction_log.append(_log_records(request_id, model, texts, predictions, rows))
         except Exception:  # the client has its answer; a capture problem must not turn it into a 500
             log.exception("prediction log: could not buffer %d rows of request %s", len(texts), request_id)
             self._log_dropped.inc(len(texts))
-
-    def _log_predictions(
-        self,
-        request_id: str,
-        model: LoadedModel,
-        texts: list[str],
-        predictions: list[Prediction],
-        rows: list[np.ndarray],
-    ) -> None:
-        import json
-
-        now = datetime.now(UTC)
-        labels = model.classifier.labels
-        self._prediction_log.append(
-            [
-                {
-                    "ts": now,
-                    "request_id": request_id,
-                    "text": text,
-                    "label": p.label,
-                    "score": p.score,
-                    "scores": json.dumps(
-                        {label: round(float(x), 6) for label, x in zip(labels, probs, strict=True)}
-                    ),
-                    "model_name": model.name,
-                    "model_version": model.version,
-                    "model_run_id": model.run_id,
-                }
-                for text, p, probs in zip(texts, predictions, rows, strict=True)
-            ]
-        )
 
 
 classifier_app = Classifier.bind()
