@@ -1,4 +1,4 @@
-# Every command the README mentions; `make help` lists them.
+# Every command the docs mention (docs/local-stack.md#commands); `make help` lists them.
 SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=

@@ -35,7 +35,7 @@ A failed task's last log lines name the stage and what to do.
 - Re-run a day: clear the run; `extract` returns the snapshot it already committed (idempotent).
 - Release a quarantined batch after fixing it: upload the fixed file under a new batch id in `raw/`.
 - Settings: `CT_*` environment variables and the connections `ct_minio`, `ct_mlflow`, `ct_ray`
-  (see the project README's configuration table).
+  (see docs/configuration.md in the project's repository).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ them**: a sample of the training split of that version's snapshot.
 - Manual check of another window: trigger with `window_hours` (the window ends at the run's time).
 - See what it would do without training: `dry_run`.
 - Retraining uses the labelled batches that arrived in `raw/<dataset>/` (plus earlier data within the
-  training run's data window); getting labelled production data there is described in the README.
+  training run's data window); getting labelled production data there is described in docs/pipeline.md.
   With nothing new and nothing in the window, the triggered run skips at `extract` and says so.
 - Thresholds: the defaults are explained in `ml/drift.py` (`DriftThresholds`).
 """

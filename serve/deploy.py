@@ -353,7 +353,7 @@ class ServeDeployer:
         if secrets := sorted(name for name in kept if is_secret_name(name)):
             log.warning(
                 "the running application's runtime_env sets %s, which the Ray dashboard shows to all its "
-                "users: move them to the Ray nodes' environment (README, Security)",
+                "users: move them to the Ray nodes' environment (docs/security.md#exposure-and-secrets)",
                 ", ".join(secrets),
             )
         runtime_env["env_vars"] = {**kept, **settings_env(self.settings)}

@@ -3,8 +3,8 @@
 ``raw_data_watch`` emits an event on it when unconsumed batches appear under ``raw/<dataset>/``
 (event ``extra``: dataset, batch ids, object count); ``continuous_training`` is scheduled on it
 (``AssetOrTimeSchedule``: daily *or* on new data). Producers that know when they finish an upload
-can also emit the event themselves through the REST API (``POST /api/v2/assets/events``, see the
-README), which starts training without waiting for the next poll.
+can also emit the event themselves through the REST API (``POST /api/v2/assets/events``, see
+docs/pipeline.md), which starts training without waiting for the next poll.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class RayJobHook(BaseHook):
             raise AirflowFailException(
                 f"Ray job {submission_id}: runtime_env.env_vars {secret_names} look like secrets, and the "
                 "Ray dashboard shows a job's runtime_env to all its users; set them in the Ray nodes' "
-                "environment instead (see README, Security)"
+                "environment instead (see docs/security.md#exposure-and-secrets)"
             )
         optional = {"entrypoint_num_cpus": entrypoint_num_cpus, "entrypoint_num_gpus": entrypoint_num_gpus}
         return self.client.submit_job(

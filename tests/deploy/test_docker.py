@@ -5,7 +5,7 @@
   image's dependency closure holds no torch, yet covers every package the Airflow side imports;
 - docker/compose.yaml, interpolated the way ``docker compose`` does with docker/.env.example,
   parses as a Compose Specification file (the ``compose-spec`` package, a strict parser of the
-  spec), and holds the stack the README promises: health checks, named volumes, no secret in the
+  spec), and holds the stack docs/deploying.md promises: health checks, named volumes, no secret in the
   file, the same CT_* settings as the local stack.
 """
 

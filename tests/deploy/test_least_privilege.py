@@ -76,7 +76,7 @@ def _code_prefix(pattern: str, path: str) -> str:
 
 
 def written_prefixes() -> dict[str, str]:
-    """Every key prefix the pipeline writes -> the party that writes it (README "Data layout")."""
+    """Every key prefix the pipeline writes -> the party that writes it (docs/pipeline.md, data layout)."""
     from ml.train import _ray_storage
 
     ray_results = _ray_storage(Settings())[0].removeprefix(f"{DATA}/")

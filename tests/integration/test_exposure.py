@@ -27,7 +27,7 @@ from tests.integration.conftest import stack
 
 pytestmark = pytest.mark.integration
 
-# Wildcard listeners the stack cannot avoid: process name prefix -> why (also in README, Security).
+# Wildcard listeners the stack cannot avoid: process name prefix -> why (also in docs/security.md).
 WILDCARD_ALLOWED: dict[str, str] = {
     "ray::ServeReplica:": "each Serve replica's inter-deployment gRPC server (random port): Ray 2.60 "
     'binds it to "[::]:0" in ray/serve/_private/replica.py, with no setting',

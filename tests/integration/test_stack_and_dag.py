@@ -222,7 +222,7 @@ def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     assert "verdict 'no_drift'" in airflow.task_log(MONITOR, control_run, "decide")
     assert {r["dag_run_id"] for r in _training_runs(airflow)} == runs_before
 
-    # new labelled production data lands in raw/ (see the README: how labelled data gets there)
+    # new labelled production data lands in raw/ (docs/pipeline.md: how labelled data gets there)
     seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_labelled", seed=1)
 
     # drift: 20 Newsgroups posts -> drift -> continuous_training with the drift in its conf
