@@ -48,6 +48,7 @@ TRAINING_PARAMS = frozenset(
         "use_gpu",
         "zero_stage",
         "max_length",
+        "init_from",
         "max_rows",
         "data_window_days",
         "gate_min_macro_f1",

@@ -57,6 +57,7 @@ def test_training_resumes_from_the_last_checkpoint_after_a_worker_dies(ray_stack
         batch_size=8,
         max_length=32,
         num_workers=2,
+        zero_stage=2,  # sharded optimizer state: every rank checkpoints its own shard
         early_stopping_patience=5,
         fail_after_epoch=1,
     )

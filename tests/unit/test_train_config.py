@@ -10,7 +10,16 @@ from pydantic import ValidationError
 
 from ml.data import stratified_split
 from ml.settings import Settings
-from ml.train import TrainConfig, TrainConfigError, check_config, deepspeed_config, resolve_precision
+from ml.train import (
+    ZERO_AUTO_MIN_PARAMS,
+    TrainConfig,
+    TrainConfigError,
+    check_config,
+    count_parameters,
+    deepspeed_config,
+    resolve_precision,
+    resolve_zero_stage,
+)
 
 LABELS = ("Business", "Sci_Tech", "Sports", "World")
 CLUSTER = {"CPU": 2.0}
@@ -22,7 +31,7 @@ def config(**overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("stage", [-1, 4, 7])
 def test_zero_stage_outside_0_to_3_is_rejected(stage):
-    with pytest.raises(ValidationError, match="ZeRO stage must be 0, 1, 2 or 3"):
+    with pytest.raises(ValidationError, match="ZeRO stage must be 0, 1, 2, 3"):
         config(zero_stage=stage)
 
 
@@ -115,3 +124,31 @@ def test_an_autoscaling_cluster_may_lack_the_resources_now(caplog):
     with caplog.at_level("WARNING", logger="ml.train"):
         assert check_config(gpu_job, LABELS, {"CPU": 2.0}, autoscaling=True)
     assert "2.0 GPU, but the Ray cluster has 0 now; waiting for the autoscaler" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("requested", "use_gpu", "parameters", "stage"),
+    [
+        ("auto", False, 7_000_000_000, 0),  # CPU workers: sharding only adds gloo traffic
+        ("auto", True, 22_700_000, 0),  # MiniLM on GPUs: too small to gain
+        ("auto", True, ZERO_AUTO_MIN_PARAMS, 2),
+        (3, False, 22_700_000, 3),  # an explicit stage is kept
+        (0, True, 7_000_000_000, 0),
+    ],
+)
+def test_zero_stage_auto(requested, use_gpu, parameters, stage):
+    assert resolve_zero_stage(config(zero_stage=requested, use_gpu=use_gpu), parameters) == stage
+
+
+def test_zero_stage_defaults_to_auto_and_must_be_resolved_before_deepspeed():
+    assert config().zero_stage == "auto"
+    assert config(zero_stage="2").zero_stage == 2  # as a trigger form or JSON may send it
+    with pytest.raises(ValidationError, match="or 'auto'"):
+        config(zero_stage="fast")
+    with pytest.raises(ValueError, match="resolve the ZeRO stage first"):
+        deepspeed_config(config(), "fp32", 10)
+
+
+def test_count_parameters_of_the_packaged_base_model():
+    # all-MiniLM-L6-v2's encoder: 22.7 M parameters (the classification head is not counted)
+    assert 22_000_000 < count_parameters(Settings().resolved_base_model()) < 23_000_000
