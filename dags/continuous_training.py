@@ -377,12 +377,12 @@ def continuous_training() -> None:
         mark_serving(
             settings, version, name=deployed["name"], tags={"deployed_by": context["dag_run"].run_id}
         )
-        publish_links(context, serve=f"{settings.serve_url}/v1/model")
+        publish_links(context, serve=settings.serve_link("v1/model"))
         log.info(
-            "%s v%s is serving at %s/v1/predict (MLflow alias 'serving')",
+            "%s v%s is serving at %s (MLflow alias 'serving')",
             deployed["name"],
             version,
-            settings.serve_url,
+            settings.serve_link("v1/predict"),
         )
         return {**report, "name": deployed["name"], "serve_url": settings.serve_url}
 

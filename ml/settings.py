@@ -1,8 +1,13 @@
 """One typed settings object for the pipeline, read from ``CT_*`` environment variables.
 
 Every default points at the local stack (``scripts/stack.py``) so a fresh checkout works
-without configuration; production overrides them through the environment (or Airflow
-connections, see ``plugins/ct_airflow/connections.py``). Nothing here touches the network.
+without configuration; production overrides them through the environment (or, inside Airflow
+tasks, Airflow connections: see ``plugins/ct_airflow/settings.py``). Nothing here touches the network.
+
+Addresses come in pairs where people and programs reach a service differently (compose service
+names, cluster DNS names behind an Ingress): ``mlflow_tracking_uri`` / ``mlflow_ui_url``,
+``ray_address`` / ``ray_ui_url``, ``serve_url`` / ``serve_ui_url``. The code talks to the first;
+links and messages meant for a browser use the second (empty = the first).
 """
 
 from __future__ import annotations
@@ -85,6 +90,16 @@ class Settings(BaseSettings):
     )
     mlflow_ui_url: str = Field(
         "", description="MLflow as a browser reaches it (links in Airflow); empty = the tracking URI."
+    )
+    ray_ui_url: str = Field(
+        "",
+        description="The Ray dashboard as a browser reaches it (the Ray job link of Airflow tasks, the "
+        "demo's output); empty = CT_RAY_ADDRESS.",
+    )
+    serve_ui_url: str = Field(
+        "",
+        description="The Serve HTTP API as a browser reaches it (the serving link of Airflow tasks, the "
+        "demo's output); empty = CT_SERVE_URL.",
     )
     report_viewer_url: str = Field(
         "http://127.0.0.1:8080/ct/reports",
@@ -176,9 +191,17 @@ class Settings(BaseSettings):
             return f"{self.report_viewer_url.rstrip('/')}/{key}"
         return f"{self.s3_url}/{self.data_bucket}/{key}"
 
-    def mlflow_link(self, fragment: str) -> str:
+    def mlflow_link(self, fragment: str = "") -> str:
         """A browser link into the MLflow UI, e.g. ``experiments/1/runs/<id>``."""
         return f"{(self.mlflow_ui_url or self.mlflow_tracking_uri).rstrip('/')}/#/{fragment.lstrip('/')}"
+
+    def ray_link(self, fragment: str = "") -> str:
+        """A browser link into the Ray dashboard, e.g. ``jobs/<submission id>``."""
+        return f"{(self.ray_ui_url or self.ray_address).rstrip('/')}/#/{fragment.lstrip('/')}"
+
+    def serve_link(self, path: str = "") -> str:
+        """A browser link to the Serve HTTP API, e.g. ``v1/model`` or ``docs``."""
+        return f"{(self.serve_ui_url or self.serve_url).rstrip('/')}/{path.lstrip('/')}"
 
 
 SECRET_FIELDS = frozenset({"s3_access_key", "s3_secret_key"})

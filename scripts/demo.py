@@ -244,8 +244,8 @@ def print_where_to_look(settings: Settings, user: str) -> None:
     """The UIs to explore. The Airflow password stays in its own file: the demo's output (a
     terminal, a CI log) never shows it."""
     print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user}, password in {stack.airflow_password_file()})")
-    print(f"MLflow UI:  {settings.mlflow_tracking_uri}   Ray dashboard: {settings.ray_address}")
-    print(f"API docs:   {settings.serve_url}/docs")
+    print(f"MLflow UI:  {settings.mlflow_link()}   Ray dashboard: {settings.ray_link()}")
+    print(f"API docs:   {settings.serve_link('docs')}")
     print("The stack keeps running for you to explore; stop it with `make down` (S3 data is in memory).")
 
 

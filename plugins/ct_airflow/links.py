@@ -5,9 +5,11 @@ A task publishes its links as it learns them, with :func:`publish_links` (XCom `
 its Data Docs. At the end of every try Airflow asks each link of the task for its URL and keeps
 it (Airflow 3 stores extra links in XCom); the UI shows them as buttons on the task instance.
 
-URLs are what a browser opens: the MLflow UI (``CT_MLFLOW_UI_URL``) and the report viewer that
-the ``ct_reports`` plugin adds to Airflow (``CT_REPORT_VIEWER_URL``, for logged-in users). Links
-are plain strings: nothing here needs credentials at display time.
+URLs are what a browser opens, never the internal addresses the code talks to: the MLflow UI
+(``CT_MLFLOW_UI_URL``), the Ray dashboard (``CT_RAY_UI_URL``), the service (``CT_SERVE_UI_URL``)
+and the report viewer that the ``ct_reports`` plugin adds to Airflow (``CT_REPORT_VIEWER_URL``,
+for logged-in users); each empty = the internal address. Links are plain strings: nothing here
+needs credentials at display time.
 """
 
 from __future__ import annotations

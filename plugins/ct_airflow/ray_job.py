@@ -132,8 +132,13 @@ class RayJobHook(BaseHook):
         return JobSubmissionClient(self.address, headers=headers)
 
     def dashboard_url(self, submission_id: str) -> str:
-        """The job's page in the Ray dashboard."""
-        return f"{self.address}/#/jobs/{submission_id}"
+        """The job's page in the Ray dashboard, as a browser reaches it: under ``CT_RAY_UI_URL``
+        when that is set (compose, Kubernetes: the Jobs API address is an internal one), else under
+        the Jobs API address."""
+        from ml.settings import Settings
+
+        base = Settings().ray_ui_url.strip().rstrip("/") or self.address
+        return f"{base}/#/jobs/{submission_id}"
 
     def submit(
         self,
