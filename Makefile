@@ -23,6 +23,9 @@ up: setup ## Start the local stack: S3 (moto), MLflow, Ray head, Airflow
 down: ## Stop the local stack (S3 contents are in memory and go with it)
 	@$(PY) scripts/stack.py down
 
+preflight: setup ## Check sample data, Python, free ports and disk before the stack starts (make up runs it too)
+	@$(PY) scripts/preflight.py
+
 status: ## Show the services, their URLs and the Airflow login
 	@$(PY) scripts/stack.py status
 
@@ -65,4 +68,4 @@ clean: down ## Stop the stack and delete its state (.state/)
 
 .PHONY: help setup up down status seed demo lint test test-fast bench-serve clean
 .PHONY: ui-check docker-check image-requirements
-.PHONY: soak bench-hostile
+.PHONY: soak bench-hostile preflight

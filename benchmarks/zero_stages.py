@@ -33,10 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Only the standard library at module level: every spawned worker re-imports this module.
+# Only the standard library (and ml.sample_data, paths only) at module level: every spawned worker
+# re-imports this module.
+from ml.sample_data import AGNEWS_SAMPLE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "agnews_5600.csv.gz"
+DEFAULT_DATA = AGNEWS_SAMPLE
 H100_SXM_BF16_TFLOPS = 989.0  # dense bf16 peak, NVIDIA H100 SXM datasheet (no sparsity)
 GPU_PATH_NOTE = (
     "The --gpu path (nccl, bf16, MFU) was written for GPU machines but has not been run yet: "

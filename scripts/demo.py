@@ -29,6 +29,7 @@ import pandas as pd
 import stack
 from airflow_client import AirflowClient
 
+from ml.sample_data import NEWSGROUPS_SAMPLE
 from ml.seed import DEFAULT_SOURCE, balanced_sample, seed_raw
 from ml.settings import Settings
 from ml.storage import QUARANTINE, RAW, ObjectStore
@@ -160,7 +161,7 @@ def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, tim
     store.put_bytes(key, review.to_csv(index=False).encode(), "text/csv")
     print(f"  labelled production data: {len(review)} rows -> s3://{store.bucket}/{key}")
 
-    news = pd.read_csv(DEFAULT_SOURCE.parent / "20newsgroups_test.csv.gz")
+    news = pd.read_csv(NEWSGROUPS_SAMPLE)
     news = news[news["text"].str.strip().str.len().between(20, 3000)]
     texts = news.sample(DRIFT_TEXTS, random_state=5)["text"].tolist()
     since = datetime.now(UTC)

@@ -46,6 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import preflight  # noqa: E402  (scripts/, beside this file)
+
 from ml.settings import Settings, load_settings  # noqa: E402
 
 log = logging.getLogger("stack")
@@ -471,7 +473,8 @@ def _services(s: Settings) -> dict[str, Service]:
     )
     ray = Service(
         name="ray",
-        ports=(RAY_GCS_PORT, dash_port),
+        # GCS, dashboard, metrics, client server, and the Serve proxy that deployments open later
+        ports=(RAY_GCS_PORT, dash_port, RAY_METRICS_PORT, RAY_CLIENT_PORT, _host_port(s.serve_url, 8000)[1]),
         url=s.ray_address,
         argv=ray_argv,
         # The nodes' own environment is where jobs and Serve replicas find the secrets (S3 keys,
@@ -701,6 +704,9 @@ def up(services: Iterable[str] | None = None) -> list[str]:
     """Start the given services (default: all) in order; return those it started."""
     s = load_settings()
     defs = _services(s)
+    problems = preflight.run(ports_to_check(services), _state(s))  # data, Python, ports, disk
+    if problems:
+        raise StackError(preflight.describe(problems))
     started = []
     for name in _select(services):
         svc = defs[name]
@@ -721,6 +727,23 @@ def up(services: Iterable[str] | None = None) -> list[str]:
         if svc.after_start:
             svc.after_start()
     return started
+
+
+def ports_to_check(services: Iterable[str] | None = None) -> dict[int, str]:
+    """Port -> service for the given services (default: all), less those of our running ones."""
+    s = load_settings()
+    defs = _services(s)
+    return {
+        port: name
+        for name in _select(services)
+        if _our_pid(s, defs[name]) is None
+        for port in defs[name].ports
+    }
+
+
+def state_dir() -> Path:
+    """The stack's state directory (.state/ unless CT_STATE_DIR says otherwise)."""
+    return _state(load_settings())
 
 
 def down(services: Iterable[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from ml.settings import Settings
 from ml.storage import ObjectStore
 from serve.client import predict
 from serve.prediction_log import wait_for_logged
-from tests.conftest import AGNEWS, DATA_DIR
+from tests.conftest import AGNEWS, NEWSGROUPS
 from tests.integration.conftest import stack
 
 pytestmark = pytest.mark.integration
@@ -226,7 +226,7 @@ def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     seed_raw(settings, AGNEWS, batches=1, rows=120, end=today, store=store, batch_suffix="_labelled", seed=1)
 
     # drift: 20 Newsgroups posts -> drift -> continuous_training with the drift in its conf
-    news = pd.read_csv(DATA_DIR / "20newsgroups_test.csv.gz")
+    news = pd.read_csv(NEWSGROUPS)
     news = news[news["text"].str.strip().str.len().between(20, 3000)]
     drifted = news.sample(TRAFFIC, random_state=5)["text"].tolist()
     since = datetime.now(UTC)
