@@ -56,8 +56,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ml.sample_data import AGNEWS_SAMPLE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "agnews_5600.csv.gz"
+DEFAULT_DATA = AGNEWS_SAMPLE
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve_bench.jsonl"
 APP_NAME = "serve-bench"
 ROUTE_PREFIX = "/bench"

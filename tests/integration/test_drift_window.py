@@ -17,7 +17,7 @@ import pytest
 from ml.data import split_key
 from ml.monitor import DRIFT_EXPERIMENT, check_window
 from serve.prediction_log import PredictionLogger
-from tests.conftest import DATA_DIR
+from tests.conftest import NEWSGROUPS
 from tests.model_factory import build_export, register_export
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def test_drifted_traffic_is_detected_reported_and_recorded(served_model, store):
     from mlflow import MlflowClient
 
     settings, version, _ = served_model
-    newsgroups = pd.read_csv(DATA_DIR / "20newsgroups_test.csv.gz").sample(300, random_state=0)
+    newsgroups = pd.read_csv(NEWSGROUPS).sample(300, random_state=0)
     start = _window(0)
     # what the AG News model would answer for posts it was never trained on (a stand-in): World
     _log(store, settings, version, newsgroups["text"].tolist(), ["World"] * 300, start)

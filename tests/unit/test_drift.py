@@ -13,10 +13,9 @@ import pytest
 
 from ml import drift
 from ml.drift import DriftThresholds, compare, sample_reference
-from tests.conftest import DATA_DIR
+from tests.conftest import NEWSGROUPS
 
 ROWS = 300  # per side: enough for the default thresholds' false-alarm rates, small enough to be quick
-NEWSGROUPS = DATA_DIR / "20newsgroups_test.csv.gz"
 
 
 def agnews_stand_in_prediction(newsgroup: str) -> str:
