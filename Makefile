@@ -17,10 +17,10 @@ help: ## List the targets
 setup: ## Create .venv with every pinned dependency (seconds when nothing changed)
 	@bash scripts/setup.sh
 
-up: setup ## Start the local stack: S3 (moto), MLflow, Ray head, Airflow
+up: setup ## Start the local stack: S3 (SeaweedFS), MLflow, Ray head, Airflow
 	@$(PY) scripts/stack.py up
 
-down: ## Stop the local stack (S3 contents are in memory and go with it)
+down: ## Stop the local stack (S3 objects, models and runs stay in .state/ for the next up)
 	@$(PY) scripts/stack.py down
 
 preflight: setup ## Check sample data, Python, free ports and disk before the stack starts (make up runs it too)

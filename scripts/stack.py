@@ -1,4 +1,4 @@
-"""Local stack manager: moto S3, MLflow, a Ray head and Airflow standalone on 127.0.0.1.
+"""Local stack manager: SeaweedFS (S3), MLflow, a Ray head and Airflow standalone on 127.0.0.1.
 
 Run from the repo root::
 
@@ -12,6 +12,10 @@ Endpoints, credentials, buckets and the state directory come from
 ``<state>/logs/<service>.log``, pids to ``<state>/pids/<service>.pid``. Pytest
 fixtures can use ``up``, ``down``, ``is_healthy``, ``service_env`` and
 ``airflow_login``.
+
+Everything the services store stays in ``<state>`` across ``down`` and ``up``: S3 objects
+(SeaweedFS, ``<state>/s3/data``), MLflow's registry (``<state>/mlflow/mlflow.db``), Airflow's
+database. Delete ``<state>`` (``make clean``) to start afresh.
 """
 
 from __future__ import annotations
@@ -55,6 +59,23 @@ log = logging.getLogger("stack")
 SERVICE_ORDER: tuple[str, ...] = ("s3", "mlflow", "ray", "airflow")
 VENV_BIN = Path(sys.executable).parent  # not resolved: keep the venv's bin, not the base python's
 RAY_GCS_PORT = 6379
+# SeaweedFS (`weed mini`) serves S3 on the port of CT_S3_ENDPOINT and runs its master, volume
+# server, filer and admin (maintenance) server on these, all on 127.0.0.1. Every port is given
+# explicitly: `weed mini` silently moves a default port that is taken. None is in Ray's worker
+# port range (10002-19999) or the kernel's ephemeral range (32768+). The admin's gRPC port is
+# its HTTP port + 10000: mini's maintenance worker dials that, whatever -admin.port.grpc says.
+SEAWEEDFS_PORTS = {
+    "master.port": 9333,
+    "master.port.grpc": 9334,
+    "volume.port": 9340,
+    "volume.port.grpc": 9341,
+    "filer.port": 9388,
+    "filer.port.grpc": 9389,
+    "s3.port.grpc": 9335,
+    "admin.port": 22646,
+}
+SEAWEEDFS_ADMIN_GRPC_PORT = SEAWEEDFS_PORTS["admin.port"] + 10000
+S3_STORE_ID = "ct-store-id"  # in SeaweedFS's data directory: which store MLflow's database belongs to
 RAY_METRICS_PORT = 8090
 RAY_CLIENT_PORT = 10001
 AIRFLOW_PORT = 8080
@@ -261,27 +282,67 @@ def _make_buckets(s: Settings) -> None:
             log.info("s3: created bucket %s", bucket)
 
 
-def _retire_orphaned_mlflow_db(s: Settings) -> None:
-    """moto keeps S3 in memory: after a restart the artifact bucket is empty, but MLflow's SQLite
-    database still lists runs and model versions whose artifacts are gone (a champion that can no
-    longer be loaded). Move such a database aside, never delete it, and start MLflow afresh."""
-    db = _state(s, "mlflow", "mlflow.db")
-    if not db.exists() or not _mlflow_db_has_runs(db):
-        return
+def _s3_data_dir(s: Settings) -> Path:
+    return _state(s, "s3", "data")
+
+
+def _s3_store_id(s: Settings) -> str | None:
     try:
-        empty = not any(True for _ in _minio_client(s).list_objects(s.mlflow_bucket, recursive=True))
-    except Exception as exc:  # S3 not reachable: leave the database alone
-        log.warning("mlflow: could not list s3://%s (%s); keeping %s", s.mlflow_bucket, exc, db)
+        return (_s3_data_dir(s) / S3_STORE_ID).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _prepare_s3(s: Settings) -> None:
+    """Refuse to start SeaweedFS without credentials (it would let anyone in); give a new store
+    an id (``_retire_orphaned_mlflow_db`` compares it); drop the flags `weed mini` saved last time
+    in ``mini.options`` (it re-applies them at start): the command line is the only source."""
+    if not (s.s3_access_key and s.s3_secret_key):
+        raise StackError("s3: CT_S3_ACCESS_KEY and CT_S3_SECRET_KEY must not be empty")
+    host = _host_port(s.s3_endpoint, 9000)[0]
+    if not _is_loopback(host):
+        log.warning(
+            "s3: SeaweedFS's master, volume server and filer listen on %s too (weed mini binds one "
+            "address for all); their read APIs take no S3 credentials",
+            host,
+        )
+    data = _s3_data_dir(s)
+    data.mkdir(parents=True, exist_ok=True)
+    if _s3_store_id(s) is None:
+        (data / S3_STORE_ID).write_text(f"{secrets.token_hex(8)}\n")
+    (data / "mini.options").unlink(missing_ok=True)
+
+
+def _retire_orphaned_mlflow_db(s: Settings) -> None:
+    """Keep MLflow's database consistent with the S3 store that holds its artifacts.
+
+    S3 keeps its data across restarts, so this is only about a store that really was wiped
+    (``<state>/s3`` deleted, or a database from the days of the in-memory moto server): its runs
+    and model versions point at artifacts that are gone (a champion that can no longer be loaded).
+    The database records the id of the store it was written against (``<state>/mlflow/s3-store``);
+    when the store's id differs and the database holds runs, move the database aside (never delete
+    it) and start MLflow afresh. With S3 elsewhere (no local store) nothing is compared."""
+    store = _s3_store_id(s)
+    if store is None:
         return
-    if empty:
+    db, record = _state(s, "mlflow", "mlflow.db"), _state(s, "mlflow", "s3-store")
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
+        recorded = None
+    if recorded != store and db.exists() and _mlflow_db_has_runs(db):
         retired = db.with_name(f"mlflow.db.orphaned-{time.strftime('%Y%m%dT%H%M%S')}")
         db.rename(retired)
         log.warning(
-            "mlflow: s3://%s is empty (moto started afresh), so the runs and models in the old "
-            "database lost their artifacts; moved it to %s and starting with a new one",
-            s.mlflow_bucket,
+            "mlflow: the S3 store the runs and models in %s were written to is gone (store %s, "
+            "now %s); moved the database to %s and starting with a new one",
+            db,
+            recorded or "in memory",
+            store,
             retired,
         )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{store}\n")
 
 
 def _mlflow_db_has_runs(db: Path) -> bool:
@@ -429,6 +490,14 @@ def _services(s: Settings) -> dict[str, Service]:
     airflow_home = _airflow_home(s)
 
     # fmt: off
+    seaweedfs_argv = [
+        str(VENV_BIN / "weed"), "-logtostderr", "mini", f"-dir={_s3_data_dir(s)}",
+        f"-ip={s3_host}", f"-ip.bind={s3_host}", f"-s3.port={s3_port}",
+        *(f"-{flag}={port}" for flag, port in SEAWEEDFS_PORTS.items()),
+        # no admin UI, WebDAV, Iceberg or Lance endpoints, no telemetry
+        "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
     mlflow_argv = [
         str(VENV_BIN / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{_state(s, 'mlflow', 'mlflow.db')}",
@@ -451,13 +520,21 @@ def _services(s: Settings) -> dict[str, Service]:
 
     s3 = Service(
         name="s3",
-        ports=(s3_port,),
+        ports=(s3_port, *SEAWEEDFS_PORTS.values(), SEAWEEDFS_ADMIN_GRPC_PORT),
         url=s.s3_url,
-        argv=[str(VENV_BIN / "moto_server"), "-H", s3_host, "-p", str(s3_port)],
-        env=base_env,
+        argv=seaweedfs_argv,
+        # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (from service_env) become SeaweedFS's one S3
+        # identity: wrong credentials are refused. The signing keys (new at every start) lock the
+        # filer's and volume server's write APIs and the S3 gateway's IAM gRPC calls.
+        env={
+            **base_env,
+            "WEED_JWT_SIGNING_KEY": secrets.token_urlsafe(32),
+            "WEED_JWT_FILER_SIGNING_KEY": secrets.token_urlsafe(32),
+        },
         health=lambda: _s3_healthy(s),
-        timeout_s=30,
-        marker="moto_server",
+        timeout_s=60,
+        marker=f"mini -dir={_s3_data_dir(s)} ",
+        before_start=lambda: _prepare_s3(s),
         after_start=lambda: _make_buckets(s),
     )
     mlflow = Service(

@@ -374,6 +374,7 @@ def test_the_compose_check_rejects_what_docker_compose_would() -> None:
 def test_compose_runs_the_promised_stack() -> None:
     services = compose()["services"]
     images = {name: svc.get("image", "") for name, svc in services.items()}
+    assert re.fullmatch(r"chrislusf/seaweedfs:\d+\.\d+", images["seaweedfs"])  # a pinned release
     assert images["minio"].startswith("quay.io/minio/minio:RELEASE.")  # the real MinIO server
     assert images["postgres"].startswith("postgres:")
     for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
@@ -418,7 +419,48 @@ def test_volumes_are_named_and_declared() -> None:
                 assert (DOCKER / source).exists(), f"{name}: bind mount {source} does not exist"
             else:
                 assert source in declared, f"{name}: volume {source} is not declared"
-    assert {"minio-data", "postgres-data"} <= declared
+    assert {"seaweedfs-data", "minio-data", "postgres-data"} <= declared
+
+
+S3_PROFILES = {"seaweedfs": {"seaweedfs"}, "minio": {"minio", "minio-init"}}
+
+
+def test_s3_profiles_run_one_s3_server_that_the_others_wait_for() -> None:
+    """COMPOSE_PROFILES (docker/.env) picks SeaweedFS (default) or MinIO; either is `s3:9000`."""
+    services = compose()["services"]
+    profiled = {name: svc["profiles"] for name, svc in services.items() if "profiles" in svc}
+    assert profiled == {name: [p] for p, names in S3_PROFILES.items() for name in names}
+    assert _dotenv(DOCKER / ".env.example")["COMPOSE_PROFILES"] == "seaweedfs"
+    for server in ("seaweedfs", "minio"):
+        assert services[server]["networks"]["default"]["aliases"] == ["s3"], server
+        assert services[server]["ports"][0] == "127.0.0.1:9000:9000", server
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        for dep, cond in deps.items():  # never a hard dependency on a service of another profile
+            if dep in profiled and name not in profiled:
+                assert cond.get("required") is False, f"{name} -> {dep}"
+        if name not in profiled and {"seaweedfs", "minio-init"} & set(deps):
+            assert deps["seaweedfs"]["condition"] == "service_healthy", name
+            assert deps["minio-init"]["condition"] == "service_completed_successfully", name
+    for name in ("mlflow", "ray-head"):  # what needs S3 from its first second
+        assert {"seaweedfs", "minio-init"} <= set(services[name]["depends_on"]), name
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:9000"
+
+
+def test_seaweedfs_runs_the_start_script_with_the_policies_and_keeps_secrets_off_disk() -> None:
+    svc = compose()["services"]["seaweedfs"]
+    assert svc["entrypoint"] == ["/bin/sh", "/etc/ct-seaweedfs/start.sh"]
+    assert (DOCKER / "seaweedfs" / "start.sh").exists()
+    assert {
+        "seaweedfs-data:/data",
+        "./seaweedfs:/etc/ct-seaweedfs:ro",
+        "./minio:/etc/ct-s3-policies:ro",
+    } <= set(svc["volumes"])
+    script = (DOCKER / "seaweedfs" / "start.sh").read_text()
+    assert "${CT_S3_POLICY_DIR:-/etc/ct-s3-policies}" in script and "${SEAWEEDFS_DATA_DIR:-/data}" in script
+    assert "${SEAWEEDFS_RUN_DIR:-/tmp/ct-seaweedfs}" in script and svc["tmpfs"] == ["/tmp"]  # identities
+    assert "/tmp/ct-seaweedfs/ready" in " ".join(svc["healthcheck"]["test"])
+    assert svc["ports"] == ["127.0.0.1:9000:9000"]  # S3 only: no master, filer or volume port
 
 
 def test_no_secret_is_committed_and_every_variable_is_documented() -> None:
@@ -449,12 +491,12 @@ def test_the_containers_get_the_same_settings_as_the_local_stack() -> None:
     ct_keys = {key for key in airflow_env if key.startswith("CT_")}
     unknown = ct_keys - EXTRA_ENV - fields - dag_env
     assert not unknown, f"neither settings nor read by a DAG: {unknown}"
-    # the same settings, except the S3 credentials: each side has its own MinIO user
+    # the same settings, except the S3 credentials: each side has its own S3 user
     shared = ct_keys - {"CT_S3_ACCESS_KEY", "CT_S3_SECRET_KEY"}
     assert {key: airflow_env[key] for key in shared} == {key: ray_env.get(key) for key in shared}
     settings = Settings(**{key[3:].lower(): airflow_env[key] for key in ct_keys & fields})
     assert settings.serve_target == "serve-api" and settings.serve_http_host == "0.0.0.0"
-    assert settings.s3_endpoint == "minio:9000"
+    assert settings.s3_endpoint == "s3:9000"  # the S3 server of either profile (test_s3_profiles)
     assert ray_env["RAY_AUTH_MODE"] == "token" and ray_env["RAY_AUTH_TOKEN"] == airflow_env["RAY_AUTH_TOKEN"]
 
 

@@ -1,11 +1,15 @@
 """Each party gets its own S3 user with only what it needs; none but minio-init holds the root keys.
 
-- docker/minio/<party>.json are the S3 policies (MinIO / AWS IAM): a data producer may only write
-  under ``raw/``; only the Ray side may write checkpoints (``ray-results/``), which training
-  resumes from; only MLflow touches the artifact bucket. A small evaluator of the policy
-  language (Allow statements, wildcards) checks them against every prefix the code writes.
-- docker/compose.yaml: minio-init creates the users and policies (docker/minio/init.sh); every
-  service gets its own party's credentials from docker/.env.
+- docker/minio/<party>.json are the S3 policies (AWS IAM language, which SeaweedFS and MinIO both
+  take as it is): a data producer may only write under ``raw/``; only the Ray side may write
+  checkpoints (``ray-results/``), which training resumes from; only MLflow touches the artifact
+  bucket. A small evaluator of the policy language (Allow statements, wildcards) checks them
+  against every prefix the code writes; tests/deploy/test_seaweedfs.py checks that a real
+  SeaweedFS answers every party as the evaluator does.
+- docker/compose.yaml: SeaweedFS (profile seaweedfs, the default) makes an identity per party with
+  its policy at start (docker/seaweedfs/start.sh), no admin identity; with profile minio, minio-init
+  creates the users and policies (docker/minio/init.sh); every service gets its own party's
+  credentials from docker/.env.
 - docker/k8s/: a Secret per party (s3-airflow, s3-ray, s3-mlflow), referenced by that party's pods.
 """
 
@@ -214,6 +218,22 @@ def test_minio_init_creates_a_user_and_policy_for_every_party() -> None:
         for variable in (f"S3_{party.upper()}_ACCESS_KEY", f"S3_{party.upper()}_SECRET_KEY"):
             assert init["environment"][variable] == env[variable], variable
         assert len(env[f"S3_{party.upper()}_SECRET_KEY"]) >= 8  # MinIO refuses shorter secrets
+
+
+def test_seaweedfs_makes_an_identity_per_party_with_its_policy_and_no_admin() -> None:
+    svc = compose()["services"]["seaweedfs"]
+    script = (DOCKER / "seaweedfs" / "start.sh").read_text()
+    loop = re.search(r'^parties="([a-z ]+)"$', script, re.MULTILINE)
+    assert loop and tuple(loop.group(1).split()) == PARTIES
+    assert '"policyNames": ["ct-%s"]' in script and '"document": ' in script
+    assert "Admin" not in script and "AWS_ACCESS_KEY_ID" not in yaml.safe_dump(svc["environment"])
+    env = _dotenv(DOCKER / ".env.example")
+    for party in PARTIES:
+        for variable in (f"S3_{party.upper()}_ACCESS_KEY", f"S3_{party.upper()}_SECRET_KEY"):
+            assert svc["environment"][variable] == env[variable], variable
+    assert set(svc["environment"]) == {
+        f"S3_{p.upper()}_{k}" for p in PARTIES for k in ("ACCESS_KEY", "SECRET_KEY")
+    }
 
 
 # ---- Kubernetes --------------------------------------------------------------------------------
