@@ -60,7 +60,7 @@ docker-check: setup ## Static checks of docker/: hadolint, compose spec, Kuberne
 image-requirements: ## Regenerate docker/requirements-*.txt from the `# images:` notes in requirements.txt
 	@$(PY) scripts/image_requirements.py
 
-ui-check: ## Browser check of the Airflow UI (headless Chromium)
+ui-check: ## Browser check of the Airflow UI (Playwright driving the system chromium; UI_ARGS=--dag ID ...)
 	@$(PY) scripts/ui_check.py $(UI_ARGS)
 
 clean: down ## Stop the stack and delete its state (.state/)

@@ -1,40 +1,35 @@
-"""Browser check of the Airflow web UI with headless Chromium, driven over the DevTools Protocol.
+"""Browser check of the Airflow web UI: Playwright driving the system's headless Chromium.
 
 Logs in through the real login form, then for the DAG list and for each DAG checks that its page
 renders, that its ``doc_md`` shows in the "Dag Docs" dialog and that the trigger form shows every
-param title (the form is never submitted). JS exceptions, console errors and HTTP >= 400 answers
-from Airflow fail the check too. A PNG screenshot of every page and dialog goes to the out dir.
+param title (the form is never submitted). JS exceptions, console errors (CSP refusals among them)
+and HTTP >= 400 answers from Airflow fail the check too. A PNG screenshot of every page and dialog
+goes to the out dir.
 
     .venv/bin/python scripts/ui_check.py [--base-url URL] [--out DIR] [--dag DAG_ID ...]
 
 Exit status: 0 all checks passed, 1 a check failed, 2 chromium is not installed.
-What the page is expected to show comes from the REST API, not from this file.
+What the page is expected to show comes from the REST API, not from this file. Playwright drives
+the chromium found on PATH (``executable_path``): it never downloads a browser.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import contextlib
-import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
-from websockets.asyncio.client import connect
-from websockets.exceptions import WebSocketException
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Locator, Page, sync_playwright
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -44,11 +39,12 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_OUT = REPO_ROOT / ".state" / "ui-check"
 DAG_TAG = "continuous-training"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-VIEWPORT = (1440, 900)
+VIEWPORT = {"width": 1440, "height": 900}
 MAX_SCREENSHOT_HEIGHT = 12000
-# The UI's English labels (airflow/ui/dist/i18n/locales/en): a fresh browser profile gets English.
+# The UI's English labels (airflow/ui/dist/i18n/locales/en): the browser context asks for en-US.
 DOCS_BUTTON = "Dag Docs"  # dag.json header.buttons.dagDocs
 TRIGGER_DIALOG_TITLE = "Trigger Dag"  # components.json triggerDag.title
+DIALOGS = '[role="dialog"], [role="alertdialog"]'
 
 
 class ChromiumNotFound(RuntimeError):
@@ -59,15 +55,11 @@ class UiTimeout(RuntimeError):
     pass
 
 
-class CdpError(RuntimeError):
-    pass
-
-
 @dataclass
 class Check:
     ok: bool
-    kind: str  # login, dag-list, page, docs, trigger-form, browser-errors
-    subject: str  # a dag_id, or "ui"
+    kind: str  # login, dag-list, page, docs, trigger-form, link, browser-errors, browser, rest-api
+    subject: str  # a dag_id, a link's name, or "ui"
     detail: str
 
     def __str__(self) -> str:
@@ -108,25 +100,19 @@ class DagExpectation:
     boolean_params: list[str]
 
 
-def _strip_markdown(text: str) -> str:
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links and images: their text
-    text = re.sub(r"[`*_~]", "", text)
-    return _squash(text)
-
-
 def _squash(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
 def _doc_heading(doc_md: str | None) -> tuple[str | None, str | None]:
     """(heading text, raw line) of the first markdown heading, else of the first non-empty line."""
-    if not doc_md:
+    lines = [line.strip() for line in (doc_md or "").splitlines() if line.strip()]
+    if not lines:
         return None, None
-    lines = [line.strip() for line in doc_md.splitlines() if line.strip()]
-    heading = next((line for line in lines if re.match(r"#{1,6}\s", line)), lines[0] if lines else None)
-    if heading is None:
-        return None, None
-    return _strip_markdown(re.sub(r"^#{1,6}\s+", "", heading).rstrip("#")), heading
+    heading = next((line for line in lines if re.match(r"#{1,6}\s", line)), lines[0])
+    text = re.sub(r"^#{1,6}\s+", "", heading).rstrip("#")
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links and images: their text
+    return _squash(re.sub(r"[`*_~]", "", text)), heading
 
 
 def discover_dags(client: AirflowClient, tag: str = DAG_TAG) -> list[str]:
@@ -137,9 +123,8 @@ def discover_dags(client: AirflowClient, tag: str = DAG_TAG) -> list[str]:
 def expectation(client: AirflowClient, dag_id: str) -> DagExpectation:
     details = client._call("GET", f"/dags/{quote(dag_id, safe='')}/details")
     heading, raw = _doc_heading(details.get("doc_md"))
-    params = details.get("params") or {}
     titles, booleans = {}, []
-    for name, param in params.items():
+    for name, param in (details.get("params") or {}).items():
         schema = (param or {}).get("schema") or {}
         if schema.get("title"):
             titles[name] = str(schema["title"])
@@ -156,11 +141,6 @@ def expectation(client: AirflowClient, dag_id: str) -> DagExpectation:
     )
 
 
-# --------------------------------------------------------------------------------------
-# Chromium and the DevTools Protocol
-# --------------------------------------------------------------------------------------
-
-
 def find_chromium() -> str:
     for name in CHROMIUM_NAMES:
         path = shutil.which(name)
@@ -171,404 +151,179 @@ def find_chromium() -> str:
     )
 
 
-class Browser:
-    """A headless Chromium in its own process group and temporary profile; ``close`` ends both."""
-
-    def __init__(self, executable: str, timeout: float) -> None:
-        self.profile = Path(tempfile.mkdtemp(prefix="ui-check-chromium-"))
-        self.log_path = self.profile.parent / f"{self.profile.name}.log"
-        self._log = self.log_path.open("wb")
-        width, height = VIEWPORT
-        self.proc = subprocess.Popen(
-            [
-                executable,
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--remote-debugging-port=0",
-                f"--user-data-dir={self.profile}",
-                f"--window-size={width},{height}",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-extensions",
-                "--lang=en-US",
-                "about:blank",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: close() ends renderers and zygotes too
-        )
-        self.timeout = timeout
-
-    def ws_url(self) -> str:
-        """The browser's DevTools websocket, from the DevToolsActivePort file it writes."""
-        port_file = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {self.proc.returncode}: {self._log_tail()}")
-            with contextlib.suppress(OSError):
-                lines = port_file.read_text().split()
-                if len(lines) >= 2:
-                    return f"ws://127.0.0.1:{lines[0]}{lines[1]}"
-            time.sleep(0.1)
-        raise UiTimeout(f"chromium wrote no DevToolsActivePort in {self.timeout:.0f}s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-2000:]
-        return ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        # helpers (zygote, crashpad) may outlive the main process for a moment
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                break  # the group is gone
-            time.sleep(0.2)
-        self._log.close()
-        shutil.rmtree(self.profile, ignore_errors=True)
-        self.log_path.unlink(missing_ok=True)
+def _reason(exc: Exception) -> str:
+    """One line: the error's first line and, for Playwright's, what it was waiting for."""
+    lines = str(exc).splitlines() or [repr(exc)]
+    waiting = next((line.strip(" -") for line in lines[1:] if "waiting for" in line), "")
+    return f"{lines[0]} ({waiting})" if waiting else lines[0]
 
 
-class Cdp:
-    """One websocket to the browser; pages are flat sessions on it."""
-
-    def __init__(self, ws: Any, timeout: float) -> None:
-        self.ws = ws
-        self.timeout = timeout
-        self._next_id = 0
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                message = json.loads(raw)
-                if "id" in message:
-                    future = self._pending.pop(message["id"], None)
-                    if future is None or future.done():
-                        continue
-                    if "error" in message:
-                        future.set_exception(CdpError(str(message["error"])))
-                    else:
-                        future.set_result(message.get("result", {}))
-                else:
-                    for listener in self.listeners:
-                        listener(message)
-        finally:
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(CdpError("DevTools connection closed"))
-
-    async def send(
-        self, method: str, params: dict[str, Any] | None = None, session: str | None = None
-    ) -> Any:
-        self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        future = asyncio.get_running_loop().create_future()
-        self._pending[self._next_id] = future
-        await self.ws.send(json.dumps(message))
-        try:
-            return await asyncio.wait_for(future, self.timeout)
-        except TimeoutError:
-            raise UiTimeout(f"no answer to {method} in {self.timeout:.0f}s") from None
-        finally:
-            self._pending.pop(message["id"], None)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
-@dataclass
-class BrowserEvent:
-    stage: str
-    text: str
+# --------------------------------------------------------------------------------------
+# the browser: what went wrong on the page, and screenshots
+# --------------------------------------------------------------------------------------
 
 
-class Page:
-    """A browser tab: navigation, waiting, real mouse and keyboard input, screenshots, and every
-    JS exception, console error and failed Airflow request, tagged with the current stage."""
+class Watcher:
+    """Every JS exception, console error (CSP refusals included) and failed Airflow request of a
+    page, tagged with the stage that was running."""
 
-    def __init__(self, cdp: Cdp, session: str, origin: str, timeout: float) -> None:
-        self.cdp = cdp
-        self.session = session
+    def __init__(self, page: Page, origin: str) -> None:
         self.origin = origin
-        self.timeout = timeout
         self.stage = "start"
-        self.events: list[BrowserEvent] = []
+        self.events: list[tuple[str, str]] = []
         self._failed_urls: set[tuple[str, str]] = set()
-        self._request_urls: dict[str, str] = {}
         # Until the login form is submitted the visitor is anonymous: the UI's first API calls
         # (e.g. /ui/config) answer 401, which is how the app knows to send it to the login form.
         self.anonymous = True
-        cdp.listeners.append(self._on_event)
-
-    async def send(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        return await self.cdp.send(method, params, self.session)
-
-    async def enable(self) -> None:
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            await self.send(f"{domain}.enable")
+        page.on("pageerror", lambda exc: self._record(f"JS exception: {exc.name}: {exc.message}"))
+        page.on("console", self._on_console)
+        page.on("response", self._on_response)
+        page.on("requestfailed", self._on_request_failed)
 
     def _ours(self, url: str) -> bool:
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.netloc}" == self.origin
+        return _origin(url) == self.origin
 
     def _record(self, text: str) -> None:
-        self.events.append(BrowserEvent(self.stage, text[:500]))
+        self.events.append((self.stage, text.splitlines()[0][:500] if text else text))
 
-    def _on_event(self, message: dict[str, Any]) -> None:
-        if message.get("sessionId") != self.session:
+    def _on_console(self, message: Any) -> None:
+        if message.type not in {"error", "assert"}:
             return
-        method, params = message.get("method"), message.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params.get("exceptionDetails", {})
-            exc = details.get("exception", {})
-            text = exc.get("description") or details.get("text") or "exception"
-            self._record(f"JS exception: {text.splitlines()[0] if text else text} ({details.get('url', '')})")
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in {"error", "assert"}:
-            args = params.get("args", [])
-            text = " ".join(str(a.get("value", a.get("description", a.get("type")))) for a in args)
-            self._record(f"console.{params['type']}: {text}")
-        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            entry = params["entry"]
-            url = entry.get("url", "")
-            # "Failed to load resource" entries repeat a failed response recorded below; other
-            # origins' resources are not Airflow's to answer for.
-            if entry.get("source") == "network" and (
-                (self.stage, url) in self._failed_urls or (url and not self._ours(url))
-            ):
-                return
-            self._record(f"log ({entry.get('source')}): {entry.get('text')} {url}".rstrip())
-        elif method == "Network.responseReceived":
-            response = params.get("response", {})
-            url, status = response.get("url", ""), int(response.get("status", 0))
-            if status >= 400 and self._ours(url):
-                self._failed_urls.add((self.stage, url))
-                if status == 401 and self.anonymous:
-                    return
-                self._record(f"HTTP {status} {response.get('statusText', '')} from {url}")
-        elif method == "Network.requestWillBeSent":
-            self._request_urls[params.get("requestId", "")] = params.get("request", {}).get("url", "")
-        elif method == "Network.loadingFailed" and not params.get("canceled"):
-            # canceled: the page itself dropped the request (navigation, aborted fetch), no error
-            url = self._request_urls.get(params.get("requestId", ""), "")
-            # The browser's own favicon request from a sandboxed report (an opaque origin, so no
-            # login cookie) gets Airflow's 401 JSON, which ORB blocks: not the page's failure.
-            if self._ours(url) and urlsplit(url).path != "/favicon.ico":
-                self._record(f"request failed: {params.get('errorText')} ({params.get('type')}) {url}")
+        url = message.location.get("url", "")
+        # "Failed to load resource" repeats a failed response recorded below; other origins'
+        # resources are not Airflow's to answer for.
+        if message.text.startswith("Failed to load resource") and (
+            (self.stage, url) in self._failed_urls or (url and not self._ours(url))
+        ):
+            return
+        self._record(f"console.{message.type}: {message.text} {url}".rstrip())
 
-    def errors_since(self, mark: int) -> list[str]:
-        return [e.text for e in self.events[mark:]]
+    def _on_response(self, response: Any) -> None:
+        if response.status >= 400 and self._ours(response.url):
+            self._failed_urls.add((self.stage, response.url))
+            if not (response.status == 401 and self.anonymous):
+                self._record(f"HTTP {response.status} {response.status_text} from {response.url}")
 
-    # ---- JavaScript ----------------------------------------------------------------
+    def _on_request_failed(self, request: Any) -> None:
+        error = request.failure or ""
+        # ERR_ABORTED: the page itself dropped the request (navigation, aborted fetch), no error.
+        # The browser's own favicon request from a sandboxed report (an opaque origin, so no login
+        # cookie) gets Airflow's 401 JSON, which ORB blocks: not the page's failure.
+        if (
+            "ERR_ABORTED" in error
+            or not self._ours(request.url)
+            or urlsplit(request.url).path == "/favicon.ico"
+        ):
+            return
+        self._record(f"request failed: {error} ({request.resource_type}) {request.url}")
 
-    async def js(self, expression: str) -> Any:
-        result = await self.send(
-            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}
-        )
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            raise CdpError(
-                f"evaluating {expression[:80]!r}: "
-                f"{details.get('exception', {}).get('description') or details.get('text')}"
-            )
-        return result.get("result", {}).get("value")
+    def since(self, mark: int) -> list[str]:
+        return [text for _, text in self.events[mark:]]
 
-    async def wait_for(self, expression: str, what: str, timeout: float | None = None) -> Any:
-        """Poll ``expression`` until it is truthy; its value. UiTimeout names ``what``."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        last_error = ""
-        while True:
-            try:
-                value = await self.js(expression)
-                if value:
-                    return value
-            except CdpError as exc:  # e.g. the context went away during a navigation
-                last_error = f" (last error: {exc})"
-            if time.monotonic() > deadline:
-                raise UiTimeout(
-                    f"timed out after {timeout or self.timeout:.0f}s waiting for {what}{last_error}"
-                )
-            await asyncio.sleep(0.25)
 
-    async def navigate(self, url: str) -> None:
-        result = await self.send("Page.navigate", {"url": url})
-        if result.get("errorText"):
-            raise CdpError(f"navigating to {url}: {result['errorText']}")
-        await self.wait_for("document.readyState === 'complete'", f"{url} to load")
-
-    async def text(self, selector: str = "body") -> str:
-        return await self.js(f"document.querySelector({json.dumps(selector)})?.innerText") or ""
-
-    async def settle(self, quiet_s: float = 1.0) -> None:
-        """Give the app a moment to finish requests and rendering after an action."""
-        await asyncio.sleep(quiet_s)
-
-    # ---- input ---------------------------------------------------------------------
-
-    async def click(self, find_js: str, what: str) -> None:
-        """Click, with real mouse events, the element that the JS expression ``find_js`` returns."""
-        box = await self.wait_for(
-            f"""(() => {{
-                const el = ({find_js});
-                if (!el || el.disabled) return null;
-                el.scrollIntoView({{block: 'center', inline: 'center'}});
-                const r = el.getBoundingClientRect();
-                if (r.width === 0 || r.height === 0) return null;
-                return {{x: r.left + r.width / 2, y: r.top + r.height / 2}};
-            }})()""",
-            f"{what} to be clickable",
-        )
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            await self.send(
-                "Input.dispatchMouseEvent",
-                {"type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1},
-            )
-
-    async def type_into(self, selector: str, text: str) -> None:
-        await self.click(f"document.querySelector({json.dumps(selector)})", selector)
-        await self.js(f"document.querySelector({json.dumps(selector)}).select()")
-        await self.send("Input.insertText", {"text": text})
-
-    async def press_escape(self) -> None:
-        for kind in ("keyDown", "keyUp"):
-            await self.send(
-                "Input.dispatchKeyEvent",
-                {"type": kind, "key": "Escape", "code": "Escape", "windowsVirtualKeyCode": 27},
-            )
-
-    # ---- screenshots ---------------------------------------------------------------
-
-    # The UI scrolls inside panels and dialogs, not the document. [largest, total] pixels that
-    # scrollable boxes (and the document) hide below their fold.
-    _HIDDEN = """(() => {
-        let largest = Math.max(0, document.documentElement.scrollHeight - window.innerHeight);
-        let total = largest;
-        for (const el of document.querySelectorAll('*')) {
-            const hidden = el.scrollHeight - el.clientHeight;
-            if (hidden > 1 && /(auto|scroll)/.test(getComputedStyle(el).overflowY)) {
-                largest = Math.max(largest, hidden);
-                total += hidden;
+# The UI scrolls inside panels and dialogs, not the document. [largest, total] pixels that
+# scrollable boxes (and the document) hide below their fold.
+_HIDDEN = """() => {
+    let largest = Math.max(0, document.documentElement.scrollHeight - window.innerHeight);
+    let total = largest;
+    for (const el of document.querySelectorAll('*')) {
+        const hidden = el.scrollHeight - el.clientHeight;
+        if (hidden > 1 && /(auto|scroll)/.test(getComputedStyle(el).overflowY)) {
+            largest = Math.max(largest, hidden);
+            total += hidden;
+        }
+    }
+    return [Math.ceil(largest), Math.ceil(total)];
+}"""
+# Boxes of a fixed height inside ``root`` (a dialog's scrolling body) do not grow with the
+# viewport: let them, and their ancestors up to ``root``, take their content's height for the
+# screenshot. window.__uiCheckRestore puts the styles back.
+_UNCLIP = """(root) => {
+    const saved = [];
+    const set = (el, props) => {
+        saved.push([el, el.getAttribute('style')]);
+        for (const [k, v] of Object.entries(props)) el.style.setProperty(k, v, 'important');
+    };
+    for (const el of [root, ...root.querySelectorAll('*')]) {
+        if (el.scrollHeight - el.clientHeight > 1 && /(auto|scroll)/.test(getComputedStyle(el).overflowY)) {
+            set(el, {'height': 'auto', 'max-height': 'none', 'overflow-y': 'visible'});
+            for (let a = el.parentElement; a && a !== root.parentElement; a = a.parentElement) {
+                set(a, {'height': 'auto', 'max-height': 'none'});
             }
         }
-        return [Math.ceil(largest), Math.ceil(total)];
-    })()"""
-
-    # Boxes of a fixed height inside ``root`` (a dialog's scrolling body) do not grow with the
-    # viewport: let them, and their ancestors up to ``root``, take their content's height for the
-    # screenshot. window.__uiCheckRestore puts the styles back.
-    _UNCLIP = """(root) => {
-        const saved = [];
-        const set = (el, props) => {
-            saved.push([el, el.getAttribute('style')]);
-            for (const [k, v] of Object.entries(props)) el.style.setProperty(k, v, 'important');
-        };
-        if (root) {
-            for (const el of [root, ...root.querySelectorAll('*')]) {
-                if (el.scrollHeight - el.clientHeight > 1
-                        && /(auto|scroll)/.test(getComputedStyle(el).overflowY)) {
-                    set(el, {'height': 'auto', 'max-height': 'none', 'overflow-y': 'visible'});
-                    for (let a = el.parentElement; a && a !== root.parentElement; a = a.parentElement) {
-                        set(a, {'height': 'auto', 'max-height': 'none'});
-                    }
-                }
-            }
+    }
+    window.__uiCheckRestore = () => {
+        for (const [el, style] of saved.reverse()) {
+            if (style === null) el.removeAttribute('style'); else el.setAttribute('style', style);
         }
-        window.__uiCheckRestore = () => {
-            for (const [el, style] of saved.reverse()) {
-                if (style === null) el.removeAttribute('style'); else el.setAttribute('style', style);
-            }
-        };
-        return saved.length;
-    }"""
+    };
+}"""
 
-    async def set_viewport(self, width: int, height: int) -> None:
-        await self.send(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-        )
 
-    async def screenshot(self, path: Path, unclip: str | None = None) -> Path:
-        """A PNG of the whole page: the viewport grows until nothing that scrolls hides anything
-        (up to MAX_SCREENSHOT_HEIGHT); ``unclip`` (JS for an element, e.g. a dialog) first lets
-        the fixed-height scrolling boxes inside it grow too. Everything is put back afterwards."""
-        width, height = VIEWPORT
-        unclipped = False
+def screenshot(page: Page, path: Path, unclip: Locator | None = None) -> Path:
+    """A PNG of the whole page: the viewport grows until nothing that scrolls hides anything (up to
+    MAX_SCREENSHOT_HEIGHT); ``unclip`` (e.g. a dialog) first lets the fixed-height scrolling boxes
+    inside it grow too. Everything is put back afterwards."""
+    width, height = VIEWPORT["width"], VIEWPORT["height"]
+    try:
+        if unclip is not None:
+            unclip.first.evaluate(_UNCLIP)
+            page.wait_for_timeout(300)
+        for _ in range(4):  # growing one box can reveal the next
+            largest, total = page.evaluate(_HIDDEN)
+            taller = min(height + largest, MAX_SCREENSHOT_HEIGHT)
+            if largest <= 1 or taller <= height:
+                break
+            page.set_viewport_size({"width": width, "height": taller})
+            page.wait_for_timeout(500)
+            if page.evaluate(_HIDDEN)[1] >= total:  # a box of fixed height: growing is no use
+                page.set_viewport_size(VIEWPORT)
+                break
+            height = taller
+        page.screenshot(path=str(path))
+    finally:
+        with contextlib.suppress(PlaywrightError):
+            page.evaluate("() => window.__uiCheckRestore && window.__uiCheckRestore()")
+            page.evaluate("() => { delete window.__uiCheckRestore; }")
+        page.set_viewport_size(VIEWPORT)
+    return path
+
+
+@contextlib.contextmanager
+def _browser_page(executable: str, base_url: str, timeout: float) -> Iterator[tuple[Page, Watcher]]:
+    """A page in a fresh headless ``executable`` (Playwright's temporary profile, gone afterwards),
+    every wait in it bounded by ``timeout`` seconds."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
-            if unclip:
-                await self.js(f"({self._UNCLIP})({unclip})")
-                unclipped = True
-                await asyncio.sleep(0.3)
-            for _ in range(4):  # growing one box can reveal the next
-                largest, total = await self.js(self._HIDDEN)
-                taller = min(height + largest, MAX_SCREENSHOT_HEIGHT)
-                if largest <= 1 or taller <= height:
-                    break
-                await self.set_viewport(width, taller)
-                await asyncio.sleep(0.5)
-                if (await self.js(self._HIDDEN))[1] >= total:  # a box of fixed height: growing is no use
-                    await self.set_viewport(width, height)
-                    break
-                height = taller
-            shot = await self.send("Page.captureScreenshot", {"format": "png"})
+            context = browser.new_context(viewport=VIEWPORT, locale="en-US")
+            context.set_default_timeout(timeout * 1000)
+            page = context.new_page()
+            yield page, Watcher(page, _origin(base_url))
         finally:
-            if unclipped:
-                await self.js("window.__uiCheckRestore && window.__uiCheckRestore()")
-            await self.set_viewport(*VIEWPORT)
-            await asyncio.sleep(0.3)
-        path.write_bytes(base64.b64decode(shot["data"]))
-        return path
+            browser.close()
 
 
 # --------------------------------------------------------------------------------------
 # the checks
 # --------------------------------------------------------------------------------------
 
-# JS helpers, injected into every check that needs them
-_DIALOG_JS = """(title) => {
-    const dialogs = [...document.querySelectorAll('[role="dialog"], [role="alertdialog"]')]
-        .filter(d => d.offsetParent !== null || d.getClientRects().length > 0);
-    return dialogs.find(d => !title || d.innerText.includes(title)) || null;
-}"""
-_BUTTON_JS = """(label, root) => [...(root || document).querySelectorAll('button, [role="button"]')]
-    .find(b => b.innerText.trim() === label || b.getAttribute('aria-label') === label) || null"""
-
-
-def _dialog(title: str) -> str:
-    """JS: the open dialog whose text includes ``title`` (any open dialog for ""), else null."""
-    return f"({_DIALOG_JS})({json.dumps(title)})"
-
-
-def _button(label: str) -> str:
-    """JS: the button labelled ``label``, else null."""
-    return f"({_BUTTON_JS})({json.dumps(label)})"
-
 
 class UiChecker:
-    def __init__(self, page: Page, base_url: str, out_dir: Path, report: UiReport) -> None:
+    def __init__(
+        self, page: Page, watcher: Watcher, base_url: str, out_dir: Path, report: UiReport, timeout: float
+    ) -> None:
         self.page = page
+        self.watcher = watcher
         self.base_url = base_url
         self.out_dir = out_dir
         self.report = report
+        self.timeout = timeout
         self._shot_no = 0
 
     def check(self, ok: bool, kind: str, subject: str, detail: str) -> bool:
@@ -577,37 +332,41 @@ class UiChecker:
         print(result, flush=True)
         return ok
 
-    async def shot(self, name: str, unclip: str | None = None) -> Path:
+    def shot(self, name: str, unclip: Locator | None = None) -> Path:
         self._shot_no += 1
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        path = await self.page.screenshot(self.out_dir / f"{self._shot_no:02d}-{safe}.png", unclip)
+        path = screenshot(self.page, self.out_dir / f"{self._shot_no:02d}-{safe}.png", unclip)
         self.report.screenshots.append(path)
         return path
 
-    async def dump(self, name: str) -> None:
-        """On a failure: the page's text beside the screenshots, to see what it showed instead."""
-        try:
-            text = await self.page.text()
-            (self.out_dir / f"{name}.failed.txt").write_text(
-                f"{await self.page.js('location.href')}\n\n{text}"
-            )
-        except (UiTimeout, CdpError, OSError) as exc:
-            print(f"  (could not save the page text: {exc})", flush=True)
+    def goto(self, url: str) -> None:
+        """Open ``url`` and let the single-page app finish its first requests."""
+        self.page.goto(url, wait_until="load")
+        with contextlib.suppress(PlaywrightError):  # a page that polls may never go quiet
+            self.page.wait_for_load_state("networkidle", timeout=10_000)
 
-    async def stage(self, name: str, subject: str, body: Callable[[], Any]) -> None:
+    def dialog(self, title: str = "") -> Locator:
+        """The open dialog whose text includes ``title`` (any open dialog for "")."""
+        dialogs = self.page.locator(DIALOGS).filter(visible=True)
+        return dialogs.filter(has_text=title).first if title else dialogs.first
+
+    def stage(self, name: str, subject: str, body: Callable[[], Any]) -> None:
         """Run one check, then one more: no browser errors happened while it ran."""
-        self.page.stage = f"{subject} {name}"
-        mark = len(self.page.events)
+        self.watcher.stage = f"{subject} {name}"
+        mark = len(self.watcher.events)
         try:
-            await body()
-        except (UiTimeout, CdpError) as exc:
-            self.check(False, name, subject, str(exc))
-            await self.dump(f"{subject}-{name}")
-            with contextlib.suppress(UiTimeout, CdpError, OSError):
-                await self.shot(f"{subject}-{name}-failed")
-                await self._dismiss_dialogs()  # so the next check starts from a clean page
-        await self.page.settle(1.0)  # late errors belong to this stage, not the next
-        errors = self.page.errors_since(mark)
+            body()
+        except (UiTimeout, PlaywrightError) as exc:
+            self.check(False, name, subject, _reason(exc))
+            with contextlib.suppress(PlaywrightError, OSError):  # what the page showed instead
+                (self.out_dir / f"{subject}-{name}.failed.txt").write_text(
+                    f"{self.page.url}\n\n{self.page.locator('body').inner_text(timeout=5000)}"
+                )
+            with contextlib.suppress(PlaywrightError, OSError):
+                self.shot(f"{subject}-{name}-failed")
+                self._dismiss_dialogs()  # so the next check starts from a clean page
+        self.page.wait_for_timeout(1000)  # late errors belong to this stage, not the next
+        errors = self.watcher.since(mark)
         self.check(
             not errors,
             "browser-errors",
@@ -616,49 +375,27 @@ class UiChecker:
             + ("; ".join(errors) if errors else "no JS exceptions, console errors or HTTP >= 400"),
         )
 
-    # ---- a page a task links to (report viewer, MLflow) -------------------------------
-
-    async def linked_page(self, url: str, name: str) -> None:
-        """Open ``url`` in the logged-in browser: it must render a page with content, not an error."""
-        page = self.page
-        await page.navigate(url)
-        await page.wait_for("document.readyState === 'complete'", f"{url} to load")
-        await page.settle(2.0)
-        title = await page.js("document.title")
-        length = await page.js("document.body ? document.body.innerText.trim().length : 0")
-        await self.shot(f"link-{name}")
-        self.check(
-            bool(length and length > 200) and "Not authenticated" not in (await page.text())[:500],
-            "link",
-            name,
-            f"{url} rendered {title!r} with {length} characters of text",
-        )
-
     # ---- login ---------------------------------------------------------------------
 
-    async def login(self, user: str, password: str) -> None:
+    def login(self, user: str, password: str) -> None:
         page = self.page
-        await page.navigate(f"{self.base_url}/")
-        where = await page.wait_for(
-            """(() => document.querySelector('input[name="username"]') ? 'form'
-                : document.querySelector('a[href$="/dags"]')
-                  ? 'app' : null)()""",
-            "the login form or the app",
-        )
-        if where == "app":
-            page.anonymous = False
+        self.goto(f"{self.base_url}/")
+        form, app = page.locator('input[name="username"]'), page.locator('a[href$="/dags"]')
+        form.or_(app).first.wait_for()
+        if not form.is_visible():
+            self.watcher.anonymous = False
             self.check(True, "login", "ui", f"no login needed at {self.base_url}/ (the app rendered)")
             return
-        login_url = await page.js("location.href")
-        await page.type_into('input[name="username"]', user)
-        await page.type_into('input[name="password"]', password)
-        await self.shot("login-form")
-        await page.click(_button("Sign in"), "the Sign in button")
-        page.anonymous = False
+        login_url = page.url
+        form.fill(user)
+        page.locator('input[name="password"]').fill(password)
+        self.shot("login-form")
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        self.watcher.anonymous = False
         # Success leaves the form; a refusal shows an alert above the form (the "Simple auth
         # manager enabled" banner is one below it).
-        outcome = await page.wait_for(
-            """(() => {
+        outcome = page.wait_for_function(
+            """() => {
                 if (!location.pathname.includes('/auth/login')) {
                     return document.readyState === 'complete' ? 'ok' : null;
                 }
@@ -666,44 +403,39 @@ class UiChecker:
                 const alert = form && [...document.querySelectorAll('.chakra-alert__root, [role="alert"]')]
                     .find(a => a.compareDocumentPosition(form) & Node.DOCUMENT_POSITION_FOLLOWING);
                 return alert ? 'refused: ' + alert.innerText.replace(/\\s+/g, ' ').trim() : null;
-            })()""",
-            "the login to leave the form",
-        )
+            }""",
+            polling=250,
+        ).json_value()
         if outcome != "ok":
-            await self.shot("login-refused")
+            self.shot("login-refused")
             raise UiTimeout(f"the login form at {login_url} says {outcome}")
-        cookies = (await page.send("Network.getCookies", {"urls": [self.base_url + "/"]}))["cookies"]
-        token = next((c for c in cookies if c["name"] == "_token"), None)
-        await page.wait_for(
-            "document.querySelector('a[href$=\"/dags\"]') !== null", "the app's navigation (a link to /dags)"
-        )
-        await page.settle(1.5)
-        await self.shot("home")
+        token = any(c["name"] == "_token" for c in page.context.cookies(self.base_url + "/"))
+        app.first.wait_for()
+        with contextlib.suppress(PlaywrightError):
+            page.wait_for_load_state("networkidle", timeout=10_000)
+        self.shot("home")
         self.check(
-            token is not None,
+            token,
             "login",
             "ui",
-            f"filled and submitted the form at {login_url}; landed on "
-            f"{await page.js('location.pathname')} "
+            f"filled and submitted the form at {login_url}; landed on {urlsplit(page.url).path} "
             + ("with the _token cookie set" if token else "WITHOUT a _token cookie"),
         )
 
     # ---- DAG list ------------------------------------------------------------------
 
-    async def dag_list(self, dags: list[DagExpectation]) -> None:
-        page = self.page
-        await page.navigate(f"{self.base_url}/dags")
-        hrefs = [f"/dags/{quote(d.dag_id, safe='')}" for d in dags]
-        missing_js = f"""(() => {{
-            const hrefs = {json.dumps(hrefs)};
-            const links = [...document.querySelectorAll('a[href]')].map(a => new URL(a.href).pathname);
-            return hrefs.filter(h => !links.some(l => l.endsWith(h)));
-        }})()"""
-        with contextlib.suppress(UiTimeout):
-            await page.wait_for(f"{missing_js}.length === 0", "every DAG's link on the DAG list")
-        missing = await page.js(missing_js)
-        await page.settle(1.0)
-        await self.shot("dag-list")
+    def dag_list(self, dags: list[DagExpectation]) -> None:
+        self.goto(f"{self.base_url}/dags")
+        deadline = time.monotonic() + self.timeout
+        missing = []
+        for dag in dags:
+            href = f"/dags/{quote(dag.dag_id, safe='')}"
+            link = self.page.locator(f'a[href$="{href}"]').first
+            try:
+                link.wait_for(state="attached", timeout=max(1.0, deadline - time.monotonic()) * 1000)
+            except PlaywrightError:
+                missing.append(href)
+        self.shot("dag-list")
         self.check(
             not missing,
             "dag-list",
@@ -714,60 +446,43 @@ class UiChecker:
 
     # ---- one DAG -------------------------------------------------------------------
 
-    async def dag_page(self, dag: DagExpectation) -> None:
+    def dag_page(self, dag: DagExpectation) -> None:
         page = self.page
         url = f"{self.base_url}/dags/{quote(dag.dag_id, safe='')}"
-        await page.navigate(url)
-        await page.wait_for(
-            f"""(() => document.body.innerText.includes({json.dumps(dag.display_name)})
-                && document.querySelector('[data-testid="trigger-dag-button"]') !== null)()""",
-            f"{url} to show {dag.display_name!r} and its Trigger button",
-        )
-        await page.settle(2.0)  # the grid and the run details load after the header
-        await self.shot(f"{dag.dag_id}-page")
-        title = await page.js("document.title")
+        self.goto(url)  # networkidle there: the grid and the run details load after the header
+        page.get_by_test_id("trigger-dag-button").wait_for()
+        page.get_by_text(dag.display_name).filter(visible=True).first.wait_for()
+        self.shot(f"{dag.dag_id}-page")
         self.check(
-            True, "page", dag.dag_id, f"{url} rendered {dag.display_name!r} and a Trigger button ({title})"
+            True,
+            "page",
+            dag.dag_id,
+            f"{url} rendered {dag.display_name!r} and a Trigger button ({page.title()})",
         )
 
-    async def dag_docs(self, dag: DagExpectation) -> None:
-        page = self.page
+    def dag_docs(self, dag: DagExpectation) -> None:
         if not dag.doc_heading:
             self.check(False, "docs", dag.dag_id, "the DAG has no doc_md (GET /dags/{id}/details)")
             return
-        await page.click(_button(DOCS_BUTTON), f"the {DOCS_BUTTON!r} button")
-        await page.wait_for(f"{_dialog('')} !== null", f"the {DOCS_BUTTON!r} dialog")
-        heading = json.dumps(dag.doc_heading)
+        self.page.get_by_role("button", name=DOCS_BUTTON, exact=True).click()
+        dialog = self.dialog()
         try:
-            dialog_text = await page.wait_for(
-                f"""(() => {{
-                    const d = {_dialog("")};
-                    if (!d) return null;
-                    const text = d.innerText.replace(/\\s+/g, ' ');
-                    return text.includes({heading}) ? text : null;
-                }})()""",
-                f"the dialog to show the doc_md heading {dag.doc_heading!r}",
-            )
-        except UiTimeout as exc:
-            shown = await page.js(
-                f"""(() => {{ const d = {_dialog("")};
-                    return d ? d.innerText.replace(/\\s+/g, ' ').slice(0, 200) : null; }})()"""
-            )
-            raise UiTimeout(f"{exc}; it shows: {shown!r}") from None
-        rendered = await page.js(
-            f"""(() => {{
-                const d = {_dialog("")};
-                const h = [...d.querySelectorAll('h1,h2,h3,h4,h5,h6')]
-                    .find(h => h.innerText.replace(/\\s+/g, ' ').trim() === {heading});
-                return h ? h.tagName : null;
-            }})()"""
+            dialog.filter(has_text=dag.doc_heading).wait_for()
+        except PlaywrightError as exc:
+            shown = _squash(dialog.inner_text(timeout=5000))[:200] if dialog.count() else None
+            raise UiTimeout(
+                f"no doc_md heading {dag.doc_heading!r} in the dialog: {_reason(exc)}; it shows: {shown!r}"
+            ) from None
+        text = _squash(dialog.inner_text())
+        if dag.doc_heading not in text:  # has_text ignores case
+            raise UiTimeout(f"the dialog shows {text[:200]!r}, not the doc_md heading {dag.doc_heading!r}")
+        headings = dialog.locator("h1, h2, h3, h4, h5, h6").filter(
+            has_text=re.compile(rf"^\s*{re.escape(dag.doc_heading)}\s*$")
         )
-        await page.settle(0.5)
-        await self.shot(f"{dag.dag_id}-docs", unclip=_dialog(""))
-        raw_shown = bool(dag.doc_heading_raw and dag.doc_heading_raw.startswith("#")) and (
-            _squash(dag.doc_heading_raw) in dialog_text
-        )
-        ok = not raw_shown
+        rendered = headings.first.evaluate("h => h.tagName") if headings.count() else None
+        self.shot(f"{dag.dag_id}-docs", unclip=dialog)
+        raw = dag.doc_heading_raw or ""
+        ok = not (raw.startswith("#") and _squash(raw) in text)
         self.check(
             ok,
             "docs",
@@ -776,106 +491,95 @@ class UiChecker:
             + (f" as an <{rendered.lower()}>" if rendered else "")
             + ("" if ok else " but as raw markdown"),
         )
-        await self._close_dialog("")
+        self._close_dialog(dialog)
 
-    async def trigger_form(self, dag: DagExpectation) -> None:
+    def trigger_form(self, dag: DagExpectation) -> None:
         page = self.page
-        await page.click(
-            "document.querySelector('[data-testid=\"trigger-dag-button\"]')", "the Trigger button"
-        )
+        page.get_by_test_id("trigger-dag-button").click()
         # After a run with a conf, the button opens a menu: "Trigger" / "Trigger again with this config"
-        opened = await page.wait_for(
-            f"""(() => {_dialog(TRIGGER_DIALOG_TITLE)} ? 'dialog'
-                : document.querySelector('[role="menuitem"][data-value="trigger"]') ? 'menu' : null)()""",
-            "the trigger dialog (or the trigger menu)",
-        )
-        if opened == "menu":
-            await page.click(
-                'document.querySelector(\'[role="menuitem"][data-value="trigger"]\')', "the Trigger menu item"
-            )
-        dialog = _dialog(TRIGGER_DIALOG_TITLE)
-        await page.wait_for(
-            f"(() => {{ const d = {dialog}; "
-            "return d && d.querySelector('[data-testid=\"trigger-dag-submit\"]') !== null; })()",
-            f"the {TRIGGER_DIALOG_TITLE!r} dialog with its (unclicked) Trigger button",
-        )
+        dialog = self.dialog(TRIGGER_DIALOG_TITLE)
+        menu_item = page.locator('[role="menuitem"][data-value="trigger"]')
+        dialog.or_(menu_item).first.wait_for()
+        if menu_item.is_visible():
+            menu_item.click()
+        dialog.get_by_test_id("trigger-dag-submit").wait_for()  # there, and never clicked
         titles = list(dag.param_titles.values())
-        text_js = f"(() => {{ const d = {dialog}; return d ? d.innerText.replace(/\\s+/g, ' ') : null; }})()"
         # The form comes once the DAG's details have loaded: wait for the titles (bounded).
-        with contextlib.suppress(UiTimeout):
-            await page.wait_for(
-                f"(() => {{ const t = {text_js}; return t !== null && {json.dumps(titles)}"
-                ".every(x => t.includes(x.replace(/\\s+/g, ' '))); })()",
-                "every param title in the trigger dialog",
-                timeout=page.timeout / 2,
-            )
-        seen = await page.js(text_js)
-        if seen is None:
-            raise UiTimeout("the trigger dialog went away")
+        deadline = time.monotonic() + self.timeout / 2
+        for title in titles:
+            with contextlib.suppress(PlaywrightError):
+                dialog.get_by_text(_squash(title)).first.wait_for(
+                    timeout=max(0.5, deadline - time.monotonic()) * 1000
+                )
+        seen = _squash(dialog.inner_text())
         # Params sit in accordion sections, one per param "section" ("Run Parameters" by default,
         # open); open any closed one and read it too. "Advanced Options" holds no params.
-        closed = await page.js(
-            f"""(() => [...{dialog}.querySelectorAll(
-                    '[data-scope="accordion"][data-part="item-trigger"][aria-expanded="false"]')]
-                .filter(t => !t.id.endsWith(':advancedOptions')).map(t => t.id))()"""
-        )
-        for section_id in closed if any(_squash(t) not in seen for t in titles) else []:
-            await page.click(f"document.getElementById({json.dumps(section_id)})", f"section {section_id}")
-            await page.settle(0.5)
-            seen += " " + (await page.js(text_js) or "")
+        if any(_squash(t) not in seen for t in titles):
+            closed = dialog.locator(
+                '[data-scope="accordion"][data-part="item-trigger"][aria-expanded="false"]'
+            )
+            for trigger in closed.all():
+                if not (trigger.get_attribute("id") or "").endswith(":advancedOptions"):
+                    trigger.click()
+                    page.wait_for_timeout(500)
+            seen = _squash(dialog.inner_text())
         missing = [t for t in titles if _squash(t) not in seen]
-        labels = await page.js(
-            f"""(() => [...{dialog}.querySelectorAll('label[data-part="label"]').values()].map(l => {{
+        labels = dialog.locator('label[data-part="label"]').evaluate_all(
+            """labels => labels.map(l => {
                 const c = l.cloneNode(true);
                 c.querySelectorAll('[aria-hidden="true"]').forEach(x => x.remove());
                 return c.textContent.replace(/\\s+/g, ' ').trim();
-            }}))()"""
+            })"""
         )
         as_labels = sum(1 for t in titles if _squash(t) in labels)
         # boolean params render as switches: the input is named element_<param>
-        no_switch = await page.js(
-            f"""(() => {{ const d = {dialog};
-                const input = n => '[data-scope="switch"] input[type="checkbox"][name="'
-                    + CSS.escape('element_' + n) + '"]';
-                return {json.dumps(dag.boolean_params)}.filter(n => !d.querySelector(input(n)));
-            }})()"""
-        )
+        switch = '[data-scope="switch"] input[type="checkbox"][name="element_{}"]'
+        no_switch = [n for n in dag.boolean_params if not dialog.locator(switch.format(n)).count()]
         booleans = len(dag.boolean_params)
-        header_ok = dag.display_name in (
-            await page.js(f"{dialog}.querySelector('h2, h3, header')?.innerText") or ""
-        )
-        await self.shot(f"{dag.dag_id}-trigger-form", unclip=dialog)
+        header = dialog.evaluate("d => d.querySelector('h2, h3, header')?.innerText || ''")
+        self.shot(f"{dag.dag_id}-trigger-form", unclip=dialog)
         self.check(
             not missing and not no_switch,
             "trigger-form",
             dag.dag_id,
             f"the {TRIGGER_DIALOG_TITLE!r} dialog"
-            + (f" for {dag.display_name!r}" if header_ok else "")
+            + (f" for {dag.display_name!r}" if dag.display_name in header else "")
             + f" shows {len(titles) - len(missing)}/{len(titles)} param titles ({as_labels} as field labels)"
             + (f"; missing: {missing}" if missing else "")
             + f"; {booleans - len(no_switch)}/{booleans} boolean params as switches"
             + (f"; no switch for: {no_switch}" if no_switch else "")
             + " (not submitted)",
         )
-        await self._close_dialog(TRIGGER_DIALOG_TITLE)
+        self._close_dialog(dialog)
 
-    async def _dismiss_dialogs(self) -> None:
+    def _dismiss_dialogs(self) -> None:
         for _ in range(3):
-            if await self.page.js(f"{_dialog('')} === null"):
+            if not self.dialog().count():
                 return
-            await self.page.press_escape()
-            await self.page.settle(0.5)
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(500)
 
-    async def _close_dialog(self, title: str) -> None:
-        page = self.page
-        dialog = _dialog(title)
-        closer = f"""(() => {{ const d = {dialog}; if (!d) return null;
-            return d.querySelector('[aria-label="Close"], [data-part="close-trigger"]'); }})()"""
-        if await page.js(f"{closer} !== null"):
-            await page.click(closer, "the dialog's close button")
+    def _close_dialog(self, dialog: Locator) -> None:
+        closer = dialog.locator('[aria-label="Close"], [data-part="close-trigger"]').first
+        if closer.count():
+            closer.click()
         else:
-            await page.press_escape()
-        await page.wait_for(f"{dialog} === null", "the dialog to close", timeout=10)
+            self.page.keyboard.press("Escape")
+        dialog.wait_for(state="hidden", timeout=10_000)
+
+    # ---- a page a task links to (report viewer, MLflow) -------------------------------
+
+    def linked_page(self, url: str, name: str) -> None:
+        """Open ``url`` in the logged-in browser: it must render a page with content, not an error."""
+        self.goto(url)
+        text = self.page.locator("body").inner_text().strip()
+        self.shot(f"link-{name}")
+        self.check(
+            len(text) > 200 and "Not authenticated" not in text[:500],
+            "link",
+            name,
+            f"{url} rendered {self.page.title()!r} with {len(text)} characters of text",
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -883,78 +587,37 @@ class UiChecker:
 # --------------------------------------------------------------------------------------
 
 
-async def _run(
-    browser: Browser,
-    base_url: str,
-    user: str,
-    password: str,
-    dags: list[DagExpectation],
-    out_dir: Path,
-    report: UiReport,
-    timeout: float,
-    links: dict[str, str],
-) -> None:
-    ws_url = browser.ws_url()
-    async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
-        cdp = Cdp(ws, timeout)
-        try:
-            page = await _new_page(cdp, base_url, timeout)
-            checker = UiChecker(page, base_url, out_dir, report)
-            await checker.stage("login", "ui", lambda: checker.login(user, password))
-            if not any(c.kind == "login" and c.ok for c in report.results):
-                return  # nothing else can work
-            await checker.stage("dag-list", "ui", lambda: checker.dag_list(dags))
-            for dag in dags:
-                await checker.stage("page", dag.dag_id, lambda dag=dag: checker.dag_page(dag))
-                await checker.stage("docs", dag.dag_id, lambda dag=dag: checker.dag_docs(dag))
-                await checker.stage("trigger-form", dag.dag_id, lambda dag=dag: checker.trigger_form(dag))
-            for name, url in links.items():
-                await checker.stage("link", name, lambda name=name, url=url: checker.linked_page(url, name))
-        finally:
-            await cdp.close()
+@contextlib.contextmanager
+def _session(
+    base_url: str, user: str, password: str, out_dir: Path, report: UiReport, timeout: float, budget: float
+) -> Iterator[tuple[UiChecker | None, Callable[[], bool]]]:
+    """A fresh browser, logged in through the form: the checker (None when the login failed) and
+    ``in_budget()``, which is False (a failed check) once the run is past ``budget`` seconds. A
+    browser that fails to start or dies becomes a failed "browser" check."""
+    started = time.monotonic()
 
+    def fail(detail: str) -> bool:
+        report.results.append(Check(False, "browser", "ui", detail))
+        print(report.results[-1], flush=True)
+        return False
 
-async def _new_page(cdp: Cdp, base_url: str, timeout: float) -> Page:
-    """A blank tab attached to ``cdp``, its events enabled, at the check's viewport size."""
-    target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-    attached = await cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
-    page = Page(cdp, attached["sessionId"], _origin(base_url), timeout)
-    await page.enable()
-    await page.set_viewport(*VIEWPORT)
-    return page
+    def in_budget() -> bool:
+        return time.monotonic() - started <= budget or fail(
+            f"the whole check ran past its {budget:.0f}s budget"
+        )
 
-
-async def _inspect(
-    browser: Browser,
-    base_url: str,
-    user: str,
-    password: str,
-    probes: dict[str, tuple[str, str]],
-    out_dir: Path,
-    report: UiReport,
-    timeout: float,
-    results: dict[str, dict[str, Any]],
-) -> None:
-    ws_url = browser.ws_url()
-    async with connect(ws_url, max_size=None, open_timeout=timeout, ping_interval=None) as ws:
-        cdp = Cdp(ws, timeout)
-        try:
-            page = await _new_page(cdp, base_url, timeout)
-            checker = UiChecker(page, base_url, out_dir, report)
-            await checker.stage("login", "ui", lambda: checker.login(user, password))
-            if not any(c.kind == "login" and c.ok for c in report.results):
-                return
-            for name, (url, probe) in probes.items():
-                page.stage = name
-                mark = len(page.events)
-                await page.navigate(url)
-                await page.settle(2.0)
-                value = await page.js(probe)
-                await page.settle(1.0)
-                await checker.shot(f"inspect-{name}")
-                results[name] = {"value": value, "events": page.errors_since(mark)}
-        finally:
-            await cdp.close()
+    yielded = False
+    try:
+        with _browser_page(find_chromium(), base_url, timeout) as (page, watcher):
+            checker = UiChecker(page, watcher, base_url, out_dir, report, timeout)
+            checker.stage("login", "ui", lambda: checker.login(user, password))
+            logged_in = any(c.kind == "login" and c.ok for c in report.results)
+            yielded = True
+            yield (checker if logged_in else None), in_budget  # nothing else can work without it
+    except (PlaywrightError, UiTimeout, OSError) as exc:
+        fail(f"{type(exc).__name__}: {_reason(exc)}")
+        if not yielded:
+            yield None, in_budget
 
 
 def inspect_pages(
@@ -973,32 +636,27 @@ def inspect_pages(
     Airflow requests while the page was open). Every wait is bounded by ``timeout`` seconds.
     """
     started = time.monotonic()
+    find_chromium()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report, results = UiReport(), {}
-    browser = Browser(find_chromium(), timeout)
-    try:
-        asyncio.run(
-            asyncio.wait_for(
-                _inspect(
-                    browser, base_url.rstrip("/"), user, password, probes, out_dir, report, timeout, results
-                ),
-                4 * timeout + 3 * timeout * len(probes),
-            )
-        )
-    except TimeoutError as exc:
-        report.results.append(Check(False, "browser", "ui", str(exc) or "the inspection ran past its budget"))
-    except (UiTimeout, CdpError, OSError, RuntimeError, WebSocketException) as exc:
-        report.results.append(Check(False, "browser", "ui", f"{type(exc).__name__}: {exc}"))
-    finally:
-        browser.close()
+    budget = 4 * timeout + 3 * timeout * len(probes)
+    with _session(base_url.rstrip("/"), user, password, out_dir, report, timeout, budget) as (
+        checker,
+        in_budget,
+    ):
+        for name, (url, probe) in probes.items() if checker else ():
+            if not in_budget():
+                break
+            checker.watcher.stage = name
+            mark = len(checker.watcher.events)
+            checker.goto(url)
+            value = checker.page.evaluate(probe)
+            checker.page.wait_for_timeout(1000)  # late errors belong to this page
+            checker.shot(f"inspect-{name}")
+            results[name] = {"value": value, "events": checker.watcher.since(mark)}
     report.seconds = time.monotonic() - started
     return report, results
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def run_ui_check(
@@ -1020,17 +678,16 @@ def run_ui_check(
     """
     started = time.monotonic()
     base_url = base_url.rstrip("/")
+    find_chromium()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("[0-9][0-9]-*.png"), *out_dir.glob("*.failed.txt")]:  # a previous run's
         old.unlink()
-    executable = find_chromium()
     report = UiReport()
 
     def fail(kind: str, subject: str, detail: str) -> UiReport:
-        result = Check(False, kind, subject, detail)
-        report.results.append(result)
-        print(result, flush=True)
+        report.results.append(Check(False, kind, subject, detail))
+        print(report.results[-1], flush=True)
         report.seconds = time.monotonic() - started
         return report
 
@@ -1050,20 +707,23 @@ def run_ui_check(
             fail("page", dag_id, f"GET /api/v2/dags/{dag_id}/details failed: {exc}")
 
     # a bound on the whole run too, however many waits come close to their own timeout
-    budget = 4 * timeout + 6 * timeout * len(dags) + 2 * timeout * len(links or {})
-    browser = Browser(executable, timeout)
-    try:
-        asyncio.run(
-            asyncio.wait_for(
-                _run(browser, base_url, user, password, dags, out_dir, report, timeout, links or {}), budget
-            )
-        )
-    except TimeoutError as exc:  # asyncio.wait_for's says nothing
-        fail("browser", "ui", str(exc) or f"the whole check ran past its {budget:.0f}s budget")
-    except (UiTimeout, CdpError, OSError, RuntimeError, WebSocketException) as exc:
-        fail("browser", "ui", f"{type(exc).__name__}: {exc}")
-    finally:
-        browser.close()
+    links = links or {}
+    budget = 4 * timeout + 6 * timeout * len(dags) + 2 * timeout * len(links)
+    with _session(base_url, user, password, out_dir, report, timeout, budget) as (checker, in_budget):
+        if checker and in_budget():
+            checker.stage("dag-list", "ui", lambda: checker.dag_list(dags))
+        for dag in dags if checker else ():
+            for kind, body in (
+                ("page", checker.dag_page),
+                ("docs", checker.dag_docs),
+                ("trigger-form", checker.trigger_form),
+            ):
+                if not in_budget():
+                    break
+                checker.stage(kind, dag.dag_id, lambda body=body, dag=dag: body(dag))
+        for name, url in links.items() if checker else ():
+            if in_budget():
+                checker.stage("link", name, lambda name=name, url=url: checker.linked_page(url, name))
     report.seconds = time.monotonic() - started
     return report
 
