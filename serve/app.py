@@ -19,7 +19,11 @@ A ``user_config`` change (``serve/config.yaml``, or the DAG's deploy task) is ap
 it loaded, so a broken model never replaces a working one; the failure is reported by
 ``/v1/model`` (``last_load_error``) and the deploy task rolls the config back.
 
-Run it: ``serve deploy serve/config.yaml`` (or ``serve run serve.app:classifier_app``).
+Run it: ``serve deploy serve/config.yaml`` (or ``serve run serve.app:classifier_app``): with no
+``user_config``, or none naming ``model_version``, a replica serves the registered model's
+``champion`` (``CT_REGISTERED_MODEL``). While no model is promoted to that alias the replica stays
+up, answers 503 on ``/v1/predict`` and ``/readyz`` saying so, and retries until one is
+(:meth:`Classifier._load`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,9 +183,11 @@ async def _in_low_priority_thread(fn: Any, *args: Any) -> Any:
         try:
             result = fn(*args)
         except BaseException as err:
-            loop.call_soon_threadsafe(settle, None, err)
+            result, error = None, err
         else:
-            loop.call_soon_threadsafe(settle, result)
+            error = None
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the replica is going away
+            loop.call_soon_threadsafe(settle, result, error)
 
     threading.Thread(target=run, name="ct-model-load", daemon=True).start()
     return await done
@@ -382,6 +389,29 @@ def _log_records(
     ]
 
 
+def _retry_delays(longest_s: float) -> Iterator[float]:
+    """Seconds between the retries of a load that waits for an alias: 1, 2, 4 ... ``longest_s``."""
+    delay = 1.0
+    while True:
+        yield min(delay, longest_s)
+        delay = min(2 * delay, longest_s)
+
+
+def _waiting_detail(error: str | None, longest_s: float) -> str:
+    """What a replica that waits for its model says to callers (HTTP 503) and in its log.
+
+    Defined above the deployment class on purpose (Serve pickles the class by value with the
+    module globals that exist when it is decorated).
+    """
+    detail = f"no model to serve yet (retrying every {longest_s:g} s at most): {error or 'still loading'}"
+    if error and "has no alias" in error:
+        detail += (
+            ". No model was promoted to it yet: the continuous_training DAG sets the alias when it "
+            "promotes one (or set it on a registered version in the MLflow UI)"
+        )
+    return detail
+
+
 @serve.deployment(
     name="Classifier",
     max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
@@ -397,6 +427,7 @@ class Classifier:
         self._failed_request: str | None = None
         self._threads = 0
         self._reload_lock = asyncio.Lock()
+        self._waiter: asyncio.Task | None = None  # retries an alias that did not load (nothing loaded yet)
         self._prediction_log = None
         self._batch_size = metrics.Histogram(
             "ct_serve_batch_size", description="Texts per forward pass.", boundaries=BATCH_BOUNDARIES
@@ -435,8 +466,52 @@ class Classifier:
         self._threads = options.torch_threads or _assigned_cpus()
         previous, self._options = self._options, options
         if self._model is None or previous is None or _model_fields(previous) != _model_fields(options):
-            await self._swap_model(options)
+            await self._load(options)
         self._configure_prediction_log(options)
+
+    async def _load(self, options: ServeOptions) -> None:
+        """Load the model ``options`` names, replacing the one serving (if any) once it loaded.
+
+        With nothing loaded yet and the model named by an alias (the default, ``champion``), a
+        failed load leaves the replica up: ``/v1/predict`` and ``/readyz`` answer 503 naming the
+        problem, the health check passes (restarting the replica would not create a champion), and
+        the load is retried in the background, at most ``model_retry_s`` apart, until it succeeds
+        or another ``user_config`` arrives. A version number (what the DAG's deploy task sends)
+        that does not load fails the replica, as before: the deploy task sees it and rolls back.
+        """
+        self._stop_waiting()
+        if self._model is not None or not options.waits_for_alias():
+            await self._swap_model(options)
+            return
+        try:
+            await self._swap_model(options)
+        except Exception:
+            log.warning("%s", _waiting_detail(self._load_error, options.model_retry_s))
+            self._waiter = asyncio.get_running_loop().create_task(self._wait_for_model(options))
+
+    async def _wait_for_model(self, options: ServeOptions) -> None:
+        attempts = 1
+        for delay in _retry_delays(options.model_retry_s):
+            await asyncio.sleep(delay)
+            attempts += 1
+            try:
+                await self._swap_model(options)
+            except Exception:
+                if delay >= options.model_retry_s:  # at the longest interval: one line per retry
+                    log.warning("attempt %d: %s", attempts, _waiting_detail(self._load_error, delay))
+                continue
+            log.info("%s loaded after %d attempts", options.reference(), attempts)
+            break
+        if self._waiter is asyncio.current_task():
+            self._waiter = None
+
+    def _stop_waiting(self) -> None:
+        if self._waiter is not None:
+            self._waiter.cancel()  # a load it runs finishes in its thread; the result is dropped
+            self._waiter = None
+
+    def _waiting(self) -> bool:
+        return self._model is None and self._waiter is not None and not self._waiter.done()
 
     async def _swap_model(self, options: ServeOptions) -> None:
         async with self._reload_lock:
@@ -489,10 +564,16 @@ class Classifier:
         self._prediction_log.start()
 
     async def check_health(self) -> None:
-        if self._model is None:
+        if self._options is None:
+            # No user_config (`serve run serve.app:classifier_app`, or a config without one): Serve
+            # never calls reconfigure. Its first health check comes right after the constructor:
+            # apply the defaults there, which load the registered model's champion.
+            await self.reconfigure({})
+        if self._model is None and not self._waiting():
             raise RuntimeError(f"no model loaded: {self._load_error or 'still starting'}")
 
     async def __del__(self) -> None:
+        self._stop_waiting()
         if self._prediction_log is not None:
             await self._prediction_log.close()
 
@@ -504,6 +585,9 @@ class Classifier:
 
     @api.get("/readyz", summary="A model is loaded and serving", responses={503: {"description": "No model"}})
     async def readyz(self) -> JSONResponse:
+        if self._model is None and self._waiting():
+            detail = _waiting_detail(self._load_error, (self._options or ServeOptions()).model_retry_s)
+            return JSONResponse({"status": "waiting", "detail": detail}, status_code=503)
         if self._model is None:
             return JSONResponse({"status": "loading", "detail": self._load_error}, status_code=503)
         return JSONResponse(
@@ -645,6 +729,9 @@ class Classifier:
     # ---- helpers ------------------------------------------------------------------------
 
     def _require_model(self) -> LoadedModel:
+        if self._model is None and self._waiting():
+            retry_s = (self._options or ServeOptions()).model_retry_s
+            raise InputError(503, _waiting_detail(self._load_error, retry_s))
         if self._model is None:
             raise InputError(503, f"no model loaded yet: {self._load_error or 'starting'}")
         return self._model

@@ -323,6 +323,22 @@ class ServeOptions(BaseModel):
     prediction_log: bool = Field(True, description="Append every prediction to s3://<bucket>/predictions/.")
     prediction_log_flush_s: float = Field(5.0, gt=0, description="Data capture flush interval.")
     prediction_log_max_rows: int = Field(10_000, ge=1, description="Data capture buffer bound (then drop).")
+    model_retry_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A replica with no model yet, asked for an alias (champion) that does not load: "
+        "longest wait between its retries (it starts at 1 s and doubles).",
+    )
 
     def reference(self) -> str:
         return self.model_path or f"{self.model_name or '<default>'}@{self.model_version}"
+
+    def waits_for_alias(self) -> bool:
+        """The model is named by a registry alias (``champion``), not a version number or a path.
+
+        An alias may not point anywhere yet (no model promoted so far) and may point somewhere
+        later, so a replica with nothing loaded keeps retrying it instead of failing. A version
+        number (what the DAG's deploy task sends) exists or not: a failed load fails the replica.
+        """
+        return not self.model_path and not self.model_version.strip().isdigit()
