@@ -35,6 +35,9 @@ seed: ## Load AG News into raw/ as dated batches (plus one bad batch)
 demo: up ## The whole loop in Airflow: seed, train, serve, drift, retrain (DEMO_ARGS=--no-drift: act 1 only)
 	@$(PY) scripts/demo.py $(DEMO_ARGS)
 
+demo-quick: up ## A first look in about 5 min: 1,200 rows, act 1 only (train, register, serve)
+	@$(PY) scripts/demo.py --quick
+
 lint: ## ruff (with the Airflow AIR rules) and format check
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
@@ -66,6 +69,6 @@ ui-check: ## Browser check of the Airflow UI (Playwright driving the system chro
 clean: down ## Stop the stack and delete its state (.state/)
 	rm -rf .state
 
-.PHONY: help setup up down status seed demo lint test test-fast bench-serve clean
+.PHONY: help setup up down status seed demo demo-quick lint test test-fast bench-serve clean
 .PHONY: ui-check docker-check image-requirements
 .PHONY: soak bench-hostile preflight

@@ -121,17 +121,13 @@ def _count_params(model: Any) -> tuple[int, int]:
     return total, total - embedding
 
 
-def _padded_tokens(tokenizer: Any, rows: list[tuple[str, int]], config: Any, steps: int, epoch: int) -> int:
-    """Tokens the timed steps will process, padding included (same batches and tokenizer call)."""
+def _padded_tokens(tokenizer: Any, encoded: list[Any], config: Any, steps: int, epoch: int) -> int:
+    """Tokens the timed steps will process, padding included (the same batches as the training step)."""
     from ml.train import _batches
 
-    tokens = 0
-    for batch in _batches(rows, config.batch_size, steps, epoch, config.seed):
-        encoded = tokenizer(
-            [text for text, _ in batch], padding=True, truncation=True, max_length=config.max_length
-        )
-        tokens += sum(len(ids) for ids in encoded["input_ids"])
-    return tokens
+    lengths = [len(features["input_ids"]) for features, _ in encoded]
+    batches = _batches(encoded, config.batch_size, steps, epoch, config.seed, lengths)
+    return sum(len(batch) * max(len(f["input_ids"]) for f, _ in batch) for batch in batches)
 
 
 def _worker(rank: int, world: int, port: int, stage: int, options: dict[str, Any], out_dir: str) -> None:
@@ -153,7 +149,7 @@ def _worker(rank: int, world: int, port: int, stage: int, options: dict[str, Any
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ml.train import TrainConfig, _train_one_epoch, deepspeed_config, resolve_precision
+    from ml.train import TrainConfig, _train_one_epoch, deepspeed_config, encode_rows, resolve_precision
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     # ZeRO 2/3 call the old collective names on every step; one warning per call floods stderr.
@@ -207,14 +203,15 @@ def _worker(rank: int, world: int, port: int, stage: int, options: dict[str, Any
     setup_s = time.perf_counter() - entered
     clock = _StepClock(engine, cuda)
     # epoch 0 = warm-up batches, epoch 1 = timed batches (different shuffles, same for every stage)
-    _train_one_epoch(clock, tokenizer, rows, config, warmup, 0, device)
-    tokens = _padded_tokens(tokenizer, rows, config, steps, 1)
+    encoded = encode_rows(tokenizer, rows, config.max_length)
+    _train_one_epoch(clock, tokenizer, encoded, config, warmup, 0, device)
+    tokens = _padded_tokens(tokenizer, encoded, config, steps, 1)
     if cuda:
         torch.cuda.synchronize()
     dist.barrier()
     started = time.perf_counter()
     clock.step_ends.clear()
-    loss, samples = _train_one_epoch(clock, tokenizer, rows, config, steps, 1, device)
+    loss, samples = _train_one_epoch(clock, tokenizer, encoded, config, steps, 1, device)
     if cuda:
         torch.cuda.synchronize()
     dist.barrier()

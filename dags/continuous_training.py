@@ -116,13 +116,24 @@ def _settings(context: Any) -> Any:
             description="Default: CT_TRAIN_USE_GPU (false).",
         ),
         "zero_stage": Param(
-            2,
-            type="integer",
-            enum=[0, 1, 2, 3],
+            "auto",
+            type=["string", "integer"],
+            enum=["auto", 0, 1, 2, 3],
             title="DeepSpeed ZeRO stage",
-            description="0 = plain data parallel; 2 shards optimizer state and gradients; 3 also parameters.",
+            description="auto = 2 on GPUs for models of 100 M parameters or more, else 0 (on CPU "
+            "ZeRO only adds communication); 0 = plain data parallel; 2 shards optimizer state and "
+            "gradients; 3 also parameters.",
         ),
         "max_length": Param(64, type="integer", minimum=8, maximum=512, title="Max tokens per text"),
+        "init_from": Param(
+            "base",
+            type="string",
+            enum=["base", "champion"],
+            title="Start from",
+            description="base = fine-tune the base model from scratch; champion = warm start: continue "
+            "training the current champion on the new data and the data window (fewer epochs reach "
+            "its quality; falls back to the base model when there is no champion or the labels changed).",
+        ),
         "max_rows": Param(
             None,
             type=["null", "integer"],
@@ -248,6 +259,7 @@ def continuous_training() -> None:
                 use_gpu=params["use_gpu"],
                 zero_stage=params["zero_stage"],
                 max_length=params["max_length"],
+                init_from=params.get("init_from", "base"),
                 max_rows=params["max_rows"],
                 data_window_days=params.get("data_window_days"),
                 trigger_reason=trigger_reason(dag_run),

@@ -232,7 +232,14 @@ def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     since = datetime.now(UTC)
     assert len(predict(settings.serve_url, drifted)) == TRAFFIC
     wait_for_logged(store, since, name, TRAFFIC)
-    training = {"epochs": 2, "gate_min_macro_f1": 0.2, **SMALL_TRAINING}
+    # the retrain warm-starts from the champion (v1) with ZeRO left to "auto" (stage 0 on CPU)
+    training = {
+        "epochs": 2,
+        "gate_min_macro_f1": 0.2,
+        **SMALL_TRAINING,
+        "zero_stage": "auto",
+        "init_from": "champion",
+    }
     drift_run, states = _monitor(airflow, since, training_params=training)
     drift = airflow.xcom(MONITOR, drift_run, "check")
     assert drift["verdict"] == "drift", drift
@@ -254,7 +261,7 @@ def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     assert conf_sent["dataset"] == settings.dataset
     assert conf_sent["report"] == drift["report_key"]
     assert conf_sent["drift_score"] == pytest.approx(drift["drift_score"])
-    assert conf_sent["epochs"] == 2
+    assert conf_sent["epochs"] == 2 and conf_sent["init_from"] == "champion"
 
     # a second drift verdict while that run is queued/running: no second trigger
     busy_run, states = _monitor(airflow, since, training_params=training)
@@ -274,6 +281,9 @@ def test_the_loop_through_airflow(airflow, full_stack, tmp_path):
     run_2 = mlflow.get_run(airflow.xcom(DAG_ID, second, "training_summary")["mlflow_run_id"])
     assert run_2.data.tags["trigger_reason"] == "drift"
     assert run_2.data.tags["drift_report"] == drift["report_key"]
+    # warm start from v1, and ZeRO "auto" resolved to stage 0 for CPU workers
+    assert run_2.data.tags["init_from"] == "champion" and run_2.data.tags["init_model_version"] == "1"
+    assert run_2.data.params["zero_stage"] == "0" and run_2.data.params["zero_stage_requested"] == "auto"
     # retraining used the new labelled batch *and* the earlier snapshot (data window)
     sources = run_2.data.tags["training_snapshots"].split(",")
     assert sources[1:] == [snapshot["snapshot_id"]], sources
