@@ -45,10 +45,11 @@ log = logging.getLogger("demo")
 
 
 def seed_if_empty(settings: Settings, store: ObjectStore, rows: int = SEED_ROWS) -> None:
+    # Only this dataset counts: the local S3 keeps its data, e.g. the test suite's datasets.
     if any(True for _ in store.list(f"{RAW}/{settings.dataset}/")) or any(
-        True for _ in store.list("snapshots/")
+        True for _ in store.list(f"snapshots/{settings.dataset}-")
     ):
-        log.info("raw/%s/ or snapshots/ already hold data: not seeding again", settings.dataset)
+        log.info("raw/%s/ or its snapshots already hold data: not seeding again", settings.dataset)
         return
     keys = seed_raw(settings, rows=rows, bad_batch=True, store=store)
     log.info("seeded %d batches into s3://%s/%s/%s/", len(keys), store.bucket, RAW, settings.dataset)
@@ -268,7 +269,10 @@ def print_where_to_look(settings: Settings, user: str) -> None:
     print(f"\nAirflow UI: http://127.0.0.1:8080 (login: {user}, password in {stack.airflow_password_file()})")
     print(f"MLflow UI:  {settings.mlflow_link()}   Ray dashboard: {settings.ray_link()}")
     print(f"API docs:   {settings.serve_link('docs')}")
-    print("The stack keeps running for you to explore; stop it with `make down` (S3 data is in memory).")
+    print(
+        "The stack keeps running for you to explore; stop it with `make down` "
+        "(S3 objects, runs and models stay in .state/ for the next `make up`)."
+    )
 
 
 if __name__ == "__main__":
