@@ -34,6 +34,12 @@ class FlakyRegistry:
 
 
 def _replica(monkeypatch, registry: FlakyRegistry) -> Classifier:
+    from ray import serve
+
+    # the batch queue (once another test made one) reads max_ongoing_requests from the replica
+    # context, for a warning only
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     cls = Classifier.func_or_class.__mro__[1]  # the class without Serve's replica machinery
     # Serve keeps the class with a copy of the module globals its methods use: patch that copy
     monkeypatch.setitem(cls._swap_model.__globals__, "load_model", registry)
