@@ -123,15 +123,20 @@ def port_owner(port: int) -> str:
 
 
 def check_ports(ports: Mapping[int, str]) -> list[Problem]:
-    """Each port (mapped to the service that will listen on it) must be free."""
+    """Each port (mapped to the service that will listen on it) must be free; one problem per
+    service and process holding its ports."""
+    taken: dict[tuple[str, str], list[int]] = {}
+    for port, service in sorted(ports.items()):
+        if not port_free(port):
+            taken.setdefault((service, port_owner(port)), []).append(port)
     return [
         Problem(
-            f"port {port} ({service}) is in use{port_owner(port)}, not by this checkout's stack",
+            f"{'port' if len(held) == 1 else 'ports'} {', '.join(map(str, held))} ({service}) "
+            f"{'is' if len(held) == 1 else 'are'} in use{owner}, not by this checkout's stack",
             "stop that process (a stack of another checkout: `make down` there), "
             "or point the CT_* settings of this one elsewhere",
         )
-        for port, service in sorted(ports.items())
-        if not port_free(port)
+        for (service, owner), held in taken.items()
     ]
 
 
@@ -175,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(describe(problems), file=sys.stderr)
         return 1
+    services = sorted(set(ports.values()))
+    port_note = f"ports of {', '.join(services)} free" if services else "every service already runs"
     print(
-        f"preflight: ok (sample data, Python {sys.version.split()[0]}, "
-        f"{len(ports)} port(s) free, >= {args.min_free_gb:g} GB free disk)"
+        f"preflight: ok (sample data, Python {sys.version.split()[0]}, {port_note}, "
+        f">= {args.min_free_gb:g} GB free disk)"
     )
     return 0
 
