@@ -151,4 +151,15 @@ if [[ "${CT_SKIP_CHROMIUM:-0}" != "1" ]] && ! command -v chromium >/dev/null; th
   fi
 fi
 
+# DeepSpeed's CPU communication op is compiled on first use (a minute or two on 2 cores): build
+# it here, with the venv's ninja as `make` and the stack's Ray workers use it, so the first
+# training run does not pay for it. Cached under ~/.cache/torch_extensions.
+shm_op=(${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}/py*_cpu/deepspeed_shm_comm/deepspeed_shm_comm.so)
+if [[ "${CT_SKIP_DEEPSPEED_BUILD:-0}" != "1" && ! -f "${shm_op[0]}" ]]; then
+  log "building DeepSpeed's CPU communication op (once, about a minute)"
+  PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/python" -c \
+    "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
+    >/dev/null 2>&1 || log "warning: could not pre-build it; the first training run will"
+fi
+
 mkdir -p .state/logs .state/pids
