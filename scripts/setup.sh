@@ -157,7 +157,7 @@ fi
 shm_op=(${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}/py*_cpu/deepspeed_shm_comm/deepspeed_shm_comm.so)
 if [[ "${CT_SKIP_DEEPSPEED_BUILD:-0}" != "1" && ! -f "${shm_op[0]}" ]]; then
   log "building DeepSpeed's CPU communication op (once, about a minute)"
-  PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/python" -c \
+  PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -c \
     "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
     >/dev/null 2>&1 || log "warning: could not pre-build it; the first training run will"
 fi
