@@ -153,11 +153,17 @@ fi
 
 # DeepSpeed's CPU communication op is compiled on first use (a minute or two on 2 cores): build
 # it here, with the venv's ninja as `make` and the stack's Ray workers use it, so the first
-# training run does not pay for it. Cached under ~/.cache/torch_extensions.
-shm_op=(${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}/py*_cpu/deepspeed_shm_comm/deepspeed_shm_comm.so)
+# training run does not pay for it. Every Python of this venv (Ray workers included) caches
+# compiled ops in .venv/torch_extensions, set by a .pth file, so that two checkouts on one
+# machine do not rebuild each other's op.
+venv_abs=$(cd "$VENV" && pwd)
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+printf '%s\n' "import os; os.environ.setdefault('TORCH_EXTENSIONS_DIR', '$venv_abs/torch_extensions')" \
+  >"$site/ct_torch_extensions.pth"
+shm_op=("$venv_abs/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so")
 if [[ "${CT_SKIP_DEEPSPEED_BUILD:-0}" != "1" && ! -f "${shm_op[0]}" ]]; then
   log "building DeepSpeed's CPU communication op (once, about a minute)"
-  PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -c \
+  PATH="$venv_abs/bin:$PATH" "$VENV/bin/python" -c \
     "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
     >/dev/null 2>&1 || log "warning: could not pre-build it; the first training run will"
 fi
