@@ -35,7 +35,7 @@ seed: ## Load AG News into raw/ as dated batches (plus one bad batch)
 demo: up ## The whole loop in Airflow: seed, train, serve, drift, retrain (DEMO_ARGS=--no-drift: act 1 only)
 	@$(PY) scripts/demo.py $(DEMO_ARGS)
 
-demo-quick: up ## A first look in about 5 min: 1,200 rows, act 1 only (train, register, serve)
+demo-quick: up ## A first look: act 1 only (train, register, serve) on 1,200 rows instead of 5,000
 	@$(PY) scripts/demo.py --quick
 
 lint: ## ruff (with the Airflow AIR rules) and format check
