@@ -36,6 +36,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -725,6 +726,8 @@ def _stop(s: Settings, svc: Service) -> None:
     pid = _read_pid(s, svc.name)
     child = _CHILDREN.pop(svc.name, None)
     if pid is None or not _session_members(pid):
+        if svc.stop_argv:
+            _wait_ports_free(svc)
         log.info("%s: %s", svc.name, "stopped" if svc.stop_argv else "not running")
         pid_file.unlink(missing_ok=True)
         return
@@ -743,11 +746,20 @@ def _stop(s: Settings, svc: Service) -> None:
     if leftovers:
         log.warning("%s: %s still running after %.0f s; SIGKILL", svc.name, leftovers, STOP_GRACE_S)
         _signal_session(pid, signal.SIGKILL)
-        time.sleep(0.5)
     if child is not None:
         child.wait(timeout=5)
     pid_file.unlink(missing_ok=True)
+    _wait_ports_free(svc)
     log.info("%s: stopped", svc.name)
+
+
+def _wait_ports_free(svc: Service, timeout_s: float = 10.0) -> None:
+    """Wait (a little) until a stopped service's ports are free, so that an `up` right after this
+    `down` finds them so. /proc shows a multi-threaded process (weed, a Go binary) as a zombie once
+    its main thread has exited, while its other threads still hold its sockets for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while any(not _port_free(port) for port in svc.ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------------------
@@ -784,8 +796,9 @@ def up(services: Iterable[str] | None = None) -> list[str]:
     problems = preflight.run(ports_to_check(services), _state(s))  # data, Python, ports, disk
     if problems:
         raise StackError(preflight.describe(problems))
-    started = []
-    for name in _select(services):
+    started: list[str] = []
+
+    def bring_up(name: str) -> None:
         svc = defs[name]
         pid = _our_pid(s, svc)
         if pid is not None:
@@ -803,7 +816,19 @@ def up(services: Iterable[str] | None = None) -> list[str]:
             started.append(name)
         if svc.after_start:
             svc.after_start()
-    return started
+
+    # S3 first (MLflow checks its store before it starts); MLflow, Ray and Airflow need nothing
+    # of each other to start, so they start side by side: about a minute less than one by one.
+    names = _select(services)
+    if "s3" in names:
+        bring_up("s3")
+    rest = [name for name in names if name != "s3"]
+    with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+        futures = [pool.submit(bring_up, name) for name in rest]
+    errors = [err for err in (f.exception() for f in futures) if err is not None]
+    if errors:
+        raise errors[0]
+    return [name for name in names if name in started]
 
 
 def ports_to_check(services: Iterable[str] | None = None) -> dict[int, str]:
