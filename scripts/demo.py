@@ -6,7 +6,8 @@ and show a prediction served by the version MLflow marks ``champion``.
 Act 2 (``--no-drift`` skips it): labelled production data arrives (the 600 AG News rows held
 back, as a new batch in ``raw/``), 20 Newsgroups posts are sent to the service over HTTP,
 ``drift_monitor`` finds drift and triggers ``continuous_training``, which retrains on the new
-batch plus the earlier data and deploys the result only if it beats the champion. Finally the
+batch plus the earlier data, warm-starting from the champion for one epoch, and deploys the
+result only if it beats the champion. Finally the
 monitor and the raw-data watch are unpaused, so the loop keeps running on its schedules.
 
 Expects the local stack to be up (``make demo`` runs ``make up`` first). Unpausing the training
