@@ -300,8 +300,9 @@ def _version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersi
     return client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
 
 
-def download_export(client: MlflowClient, model_root: str, dst: Path) -> Path:
-    """Download only the ``export`` folder (weights, tokenizer, label map) of a logged model.
+def download_export(client: MlflowClient, model_root: str, dst: Path, member: str = "") -> Path:
+    """Download only the ``export`` folder (weights, tokenizer, label map) of a logged model, or
+    only its file ``member`` (e.g. ``label_map.json``).
 
     ``model_root`` is the folder holding its MLmodel (a logged model's ``artifact_location``, a
     version's download URI); pyfunc artifacts lie in its ``artifacts/`` folder.
@@ -309,8 +310,9 @@ def download_export(client: MlflowClient, model_root: str, dst: Path) -> Path:
     import mlflow
 
     dst.mkdir(parents=True, exist_ok=True)
+    uri = f"{model_root.rstrip('/')}/artifacts/{EXPORT_ARTIFACT}"
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{model_root.rstrip('/')}/artifacts/{EXPORT_ARTIFACT}",
+        artifact_uri=f"{uri}/{member}" if member else uri,
         dst_path=str(dst),
         tracking_uri=client.tracking_uri,
     )

@@ -645,7 +645,7 @@ def warm_start_model(
         return None
     from mlflow import MlflowClient
 
-    from ml.registry import champion_version
+    from ml.registry import champion_version, download_export
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     current = champion_version(client, settings.registered_model)
@@ -656,7 +656,8 @@ def warm_start_model(
         )
         return None
     model_root = client.get_model_version_download_uri(current.name, current.version)
-    label_map = json.loads(_champion_label_map(client, model_root))
+    with tempfile.TemporaryDirectory(prefix="ct-labels-") as tmp:
+        label_map = json.loads(download_export(client, model_root, Path(tmp), "label_map.json").read_text())
     if tuple(label_map["labels"]) != tuple(labels):
         log.warning(
             "init_from=champion: champion v%s classifies %s, this snapshot has %s; "
@@ -668,20 +669,6 @@ def warm_start_model(
         return None
     log.info("warm start: continuing from %s v%s (run %s)", current.name, current.version, current.run_id)
     return {"version": str(current.version), "run_id": current.run_id, "model_root": model_root}
-
-
-def _champion_label_map(client: Any, model_root: str) -> str:
-    import mlflow
-
-    from ml.registry import EXPORT_ARTIFACT
-
-    with tempfile.TemporaryDirectory(prefix="ct-labels-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model_root.rstrip('/')}/artifacts/{EXPORT_ARTIFACT}/label_map.json",
-            dst_path=tmp,
-            tracking_uri=client.tracking_uri,
-        )
-        return Path(local).read_text()
 
 
 def _fine_tuned_labels(model_config: dict[str, Any]) -> list[str]:

@@ -111,15 +111,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def port_owner(port: int) -> str:
-    """`` by NAME (pid N)`` for the process listening on ``port`` per ``ss -ltnp``, if known."""
+def port_listener(port: int) -> tuple[int, str] | None:
+    """(pid, process name) listening on ``port`` per ``ss -ltnp``, if known."""
     try:
         argv = ["ss", "-ltnpH", f"sport = :{port}"]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None
     match = re.search(r'\("([^"]+)",pid=(\d+)', out)
-    return f" by {match.group(1)} (pid {match.group(2)})" if match else ""
+    return (int(match.group(2)), match.group(1)) if match else None
+
+
+def port_owner(port: int) -> str:
+    """`` by NAME (pid N)`` for the process listening on ``port``, if known."""
+    listener = port_listener(port)
+    return f" by {listener[1]} (pid {listener[0]})" if listener else ""
 
 
 def check_ports(ports: Mapping[int, str]) -> list[Problem]:

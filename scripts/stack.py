@@ -26,11 +26,9 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,26 +161,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True if nothing listens on ``port`` (a wildcard listener counts too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_owner(port: int) -> tuple[int, str] | None:
-    """(pid, process name) listening on ``port`` per ``ss -ltnp``, if known."""
-    try:
-        argv = ["ss", "-ltnpH", f"sport = :{port}"]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r'\("([^"]+)",pid=(\d+)', out)
-    return (int(match.group(2)), match.group(1)) if match else None
+# one implementation for the preflight and the stack
+_port_free = preflight.port_free
+_port_owner = preflight.port_listener
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
