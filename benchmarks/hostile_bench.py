@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
+    from ml.rollout import CONFIG_FILE, ServeDeployer
     from ml.settings import load_settings
-    from serve.deploy import CONFIG_FILE, ServeDeployer
 
     settings = load_settings()
     deployer = ServeDeployer(settings, app_name=APP_NAME, timeout_s=300)

@@ -398,7 +398,7 @@ class BenchApp:
         timeout_s: float,
         import_path: str = "serve.app:classifier_app",
     ) -> None:
-        self.deployer = deployer  # serve.deploy.ServeDeployer with app_name=APP_NAME
+        self.deployer = deployer  # ml.rollout.ServeDeployer with app_name=APP_NAME
         self.url = serve_url.rstrip("/") + ROUTE_PREFIX
         self.deployment = deployment
         self.env_vars = env_vars
@@ -423,7 +423,14 @@ class BenchApp:
         if self.deployed and user_config == self.applied:
             return  # every PUT re-sends the other apps' config: no more of them than needed
         ServeOptions.model_validate(user_config)  # refuse a bad config here, not in the replica
-        config = self.deployer.current_config() or {"applications": []}
+        config = self.deployer.current_config()
+        if config is None:  # Serve starts with this PUT: it listens where serve/config.yaml says
+            import yaml
+
+            from ml.rollout import CONFIG_FILE
+
+            http = yaml.safe_load(CONFIG_FILE.read_text()).get("http_options") or {}
+            config = {"http_options": http, "applications": []}  # host 127.0.0.1, not Serve's 0.0.0.0
         others = [app for app in config["applications"] if app["name"] != APP_NAME]
         self.deployed = True  # from here on, remove() must run
         self.deployer.apply({**config, "applications": [*others, self._app(user_config)]})
@@ -575,8 +582,8 @@ def bench_served(
     """Deploy the benchmark app, load it unbatched then batched, remove it; one row per mode."""
     import yaml
 
+    from ml.rollout import CONFIG_FILE, ServeDeployer
     from ml.settings import load_settings
-    from serve.deploy import CONFIG_FILE, ServeDeployer
 
     overrides = {"ray_address": args.dashboard} if args.dashboard else {}
     settings = load_settings(**overrides)

@@ -209,7 +209,7 @@ def deployment_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     """serve/config.yaml's classifier deployment with ``--replicas`` fixed replicas, and its user_config."""
     import yaml
 
-    from serve.deploy import CONFIG_FILE
+    from ml.rollout import CONFIG_FILE
 
     template = yaml.safe_load(CONFIG_FILE.read_text())
     deployment = copy.deepcopy(
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_local_ray()
 
+    from ml.rollout import ServeDeployer
     from ml.settings import load_settings
-    from serve.deploy import ServeDeployer
 
     settings = load_settings()
     deployer = ServeDeployer(settings, app_name=APP_NAME, timeout_s=args.deploy_timeout)

@@ -2,9 +2,12 @@
 ### Continuous training of the text classifier
 
 Turns newly arrived labelled text into a gated, evaluated, registered and deployed model.
-**When it runs:** daily at 00:00 UTC (`CT_TRAINING_SCHEDULE`), **or** when `raw_data_watch` announces new
-data on the asset `ct_raw_data`, **or** when `drift_monitor` sees drift in what the service receives
-(conf `reason: drift`, recorded on the MLflow run and model version with `drift_score` and `drift_report`).
+**When it runs:** daily at 00:00 UTC (`CT_TRAINING_SCHEDULE`, dataset `CT_DATASET`), **or** when
+`raw_data_watch` finds new data under `raw/<dataset>/` (one triggered run per dataset, conf `dataset`,
+`reason: new_data`), **or** on an event on the asset `ct_raw_data` (a producer's; the event's `dataset`),
+**or** when `drift_monitor` sees drift in what a model receives (a run for that model's dataset, conf
+`reason: drift`, recorded on the MLflow run and model version with `drift_score` and `drift_report`).
+**Each run trains one dataset**; runs queue and run one at a time.
 
 | task | what it does | where to look |
 |---|---|---|
@@ -15,12 +18,20 @@ data on the asset `ct_raw_data`, **or** when `drift_monitor` sees drift in what 
 | `training_summary` | Reads the job's result: epochs, best validation macro-F1, the MLflow run. | link **MLflow run** |
 | `evaluate` | A Ray job scoring the new model (challenger) and the current `champion` on the **same** held-out test split of this snapshot; logs metrics and a confusion matrix to the run; decides promotion. | link **Ray job**; MLflow run → artifacts `evaluation/` |
 | `register` | Registers the model version with lineage tags, alias `challenger`; moves `champion` only if the gate passed. | links **MLflow run**, **MLflow model version** |
-| `deploy` | Only for a new champion: points the Ray Serve application `classifier` at it (Serve REST API; replicas load it beside the old model and swap in place, no request fails) and waits until every answer names the new version. If it does not load or serve, the previous config is put back and the task fails saying which version serves. Skipped when the gate said no. | task log; Ray dashboard → Serve |
-| `smoke_test` | Sends fixed test texts to `POST /v1/predict`: the new version must answer them exactly as it did offline in `evaluate` (labels, scores ±0.01), and a malformed request must get a 4xx. On failure: rollback as above. On success: MLflow alias `serving` → this version. | link **Serving API (/v1/model)** |
+| `start_shadow` | Staged rollouts (`rollout` = `shadow` or `shadow+canary`, the default) of a model the gate passed: loads it **beside** the champion in the same Serve application. Clients are still answered by the champion; a copy of their texts goes to the candidate at low CPU priority and its answers only to the prediction log (`role=shadow`). Skipped for `direct`, a forced promotion, or when nothing serves yet. | link **Serving history** |
+| `shadow_check` | Waits for `shadow_min_texts` live texts or `shadow_max_minutes`, then compares shadow and champion on the same texts: agreement, confidence, predicted labels vs the training labels, error rate, latency. Writes an HTML + JSON report and decides; stopped → the candidate is removed, the champion serves on untouched, the run fails with the numbers. | link **Rollout report** |
+| `canary` | `shadow+canary` only: the candidate answers `canary_fraction` of the requests (sticky per `X-Client-Key` header, else per request id; every response names its version). Live error rate and latency of canary vs champion are compared; out of bounds → rolled back to 0 % (no client request fails: a failed canary answer is retried on the champion) and the run fails with the numbers. | link **Rollout report** |
+| `deploy` | Only for a new champion (staged: after its live stages passed): points the Ray Serve application `classifier` at it (Serve REST API; replicas load it beside the old model and swap in place, no request fails) and waits until every answer names the new version. If it does not load or serve, the previous config is put back and the task fails saying which version serves. Skipped when the gate said no. | task log; Ray dashboard → Serve |
+| `smoke_test` | Sends fixed test texts to `POST /v1/predict`: the new version must answer them exactly as it did offline in `evaluate` (labels, scores ±0.01), and a malformed request must get a 4xx. On failure: rollback as above. On success: MLflow alias `serving` → this version (staged rollouts: `champion` too; until here it was only `challenger`). | link **Serving API (/v1/model)** |
+
+**Rollout** (param `rollout`, default `CT_ROLLOUT` = `shadow+canary`): `direct` deploys the gate's champion
+to 100 % at once; `shadow` judges it on mirrored live traffic first; `shadow+canary` then lets it answer a
+share of live requests. A quiet service (fewer than 30 texts / 20 canary requests in the window) gives no
+live evidence: `quiet_service` = `proceed` (default: the offline gate decides) or `stop`.
 
 **No new data** → `extract` is *skipped* with a log line saying so, and so is everything after it.
 **Every batch bad** → `validate` fails (no retry) naming each batch and its first failed expectation.
-**Promotion gate**: the challenger becomes `champion` only if its test macro-F1 ≥ the champion's − `CT_GATE_TOLERANCE`
+**Promotion gate**: the challenger becomes `champion` (staged rollouts: after its live stages) only if its test macro-F1 ≥ the champion's − `CT_GATE_TOLERANCE`
 and ≥ the floor (`gate_min_macro_f1` param / `CT_GATE_MIN_MACRO_F1`); otherwise it stays `challenger` and the serving model is untouched.
 
 **Manual runs** take the params in the trigger form: epochs, learning rate, workers, ZeRO stage, max length,
@@ -49,19 +60,29 @@ from typing import Any
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from ct_airflow.assets import RAW_DATA, dataset_from_events
-from ct_airflow.dag_defaults import dataset_param, default_args, env_flag, env_int
+from ct_airflow.dag_defaults import (
+    dataset_param,
+    default_args,
+    env_choice,
+    env_flag,
+    env_float,
+    env_int,
+)
 from ct_airflow.failures import skip
 from ct_airflow.links import (
     DataDocsLink,
     MlflowModelLink,
     MlflowRunLink,
+    RolloutReportLink,
     ServedModelLink,
+    ServingHistoryLink,
     publish_links,
     with_links,
 )
 from ct_airflow.ray_job import RayJobOperator
 
 DAG_ID = "continuous_training"
+ROLLOUTS = ("direct", "shadow", "shadow+canary")  # ml.staged_rollout.ROLLOUTS (not imported at parse time)
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +98,8 @@ def _settings(context: Any) -> Any:
 
 @dag(
     dag_id=DAG_ID,
-    # Daily (CT_TRAINING_SCHEDULE, cron, UTC) *or* as soon as raw_data_watch announces new data.
+    # Daily (CT_TRAINING_SCHEDULE, cron, UTC) *or* on a producer's event on the ct_raw_data asset
+    # (raw_data_watch triggers one run per dataset with conf instead: asset events would be merged).
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(os.environ.get("CT_TRAINING_SCHEDULE", "@daily"), timezone="UTC"),
         assets=[RAW_DATA],
@@ -164,6 +186,67 @@ def _settings(context: Any) -> Any:
             description="WARNING: makes the new model champion and deploys it even if it is WORSE than the "
             "current champion or below the floor. For emergencies only (e.g. the champion is broken); "
             "recorded on the model version as forced_promotion=true. The smoke test still guards the deploy.",
+        ),
+        "rollout": Param(
+            env_choice("CT_ROLLOUT", "shadow+canary", ROLLOUTS),
+            type="string",
+            enum=list(ROLLOUTS),
+            title="Rollout",
+            description="How a model the gate passed takes over. direct: 100 % at once. shadow: first judged "
+            "on a mirrored copy of live traffic (clients never see its answers). shadow+canary: then answers "
+            "canary_fraction of live requests before it takes all. Default: CT_ROLLOUT (shadow+canary).",
+        ),
+        "shadow_min_texts": Param(
+            env_int("CT_SHADOW_MIN_TEXTS", 200),
+            type="integer",
+            minimum=1,
+            title="Shadow: live texts to judge on",
+            description="shadow_check ends when this many live texts were answered by both models...",
+        ),
+        "shadow_max_minutes": Param(
+            env_float("CT_SHADOW_MAX_MINUTES", 10.0),
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1440,
+            title="Shadow: longest wait (minutes)",
+            description="...or after this long, judged on what arrived (see quiet_service).",
+        ),
+        "shadow_min_agreement": Param(
+            env_float("CT_SHADOW_MIN_AGREEMENT", 0.7),
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Shadow: least agreement with the champion",
+            description="Share of live texts both models label the same; below it the candidate is stopped.",
+        ),
+        "canary_fraction": Param(
+            env_float("CT_CANARY_FRACTION", 0.1),
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Canary: share of clients",
+            description="Share of client keys (X-Client-Key header, else request id) the candidate answers.",
+        ),
+        "canary_min_requests": Param(
+            env_int("CT_CANARY_MIN_REQUESTS", 100),
+            type="integer",
+            minimum=1,
+            title="Canary: requests to judge on",
+        ),
+        "canary_max_minutes": Param(
+            env_float("CT_CANARY_MAX_MINUTES", 10.0),
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1440,
+            title="Canary: longest wait (minutes)",
+        ),
+        "quiet_service": Param(
+            env_choice("CT_ROLLOUT_ON_QUIET", "proceed", ("proceed", "stop")),
+            type="string",
+            enum=["proceed", "stop"],
+            title="Quiet service",
+            description="Too little live traffic to judge in the window: proceed (the offline gate decides; "
+            "the report says so) or stop the rollout.",
         ),
         "dry_run": Param(
             False,
@@ -342,61 +425,157 @@ def continuous_training() -> None:
                 "dag_run_id": dag_run.run_id,
             },
             force_promote=bool(params.get("force_promote")),
+            # staged: champion moves only after the live stages (deploy's smoke_test)
+            move_champion=params.get("rollout", "direct") == "direct",
         )
         publish_links(context, mlflow_model=model_version_url(settings, outcome["name"], outcome["version"]))
-        verdict = "PROMOTED to champion" if outcome["promoted"] else "kept as challenger (champion unchanged)"
+        if outcome["promoted"] and not outcome.get("champion_moved", True):
+            verdict = f"passed the gate; rollout {params['rollout']}: champion once it passed on live traffic"
+        elif outcome["promoted"]:
+            verdict = "PROMOTED to champion"
+        else:
+            verdict = "kept as challenger (champion unchanged)"
         log.info("%s version %s %s: %s", outcome["name"], outcome["version"], verdict, outcome["reason"])
         return outcome
 
     @task(retries=1)
-    def deploy(outcome: dict[str, Any]) -> dict[str, Any]:
-        """Point the Ray Serve application at the new champion; roll back if it does not serve."""
+    def start_shadow(outcome: dict[str, Any]) -> dict[str, Any]:
+        """Load the gate's new model beside the champion; mirrored live traffic, answers logged only."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from serve.deploy import DeployError, ServeDeployer
+        from ml.rollout import DeployError
+        from ml.serving_history import serving_history_url
+        from ml.staged_rollout import start_candidate
+
+        context = get_current_context()
+        rollout = context["params"].get("rollout", "direct")
+        if not outcome["promoted"]:
+            skip(f"v{outcome['version']} did not pass the gate: nothing to roll out")
+        if outcome.get("champion_moved", True):
+            skip(
+                f"rollout {rollout}{' (forced promotion)' if outcome.get('forced') else ''}: deploy serves it at once"
+            )
+        settings = _settings(context)
+        try:
+            stage = start_candidate(settings, outcome, "shadow", actor=context["dag_run"].run_id)
+        except DeployError as err:
+            raise AirflowFailException(str(err)) from err
+        publish_links(context, serving_history=serving_history_url(settings, outcome["name"]))
+        if "skipped" in stage:
+            skip(stage["skipped"])
+        return stage
+
+    @task(retries=0, execution_timeout=timedelta(hours=25))  # a retry would watch a removed candidate
+    def shadow_check(stage: dict[str, Any]) -> dict[str, Any]:
+        """Wait for live texts, compare shadow and champion on them, report, decide."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ml.rollout_report import ShadowPolicy
+        from ml.staged_rollout import RolloutStopped, shadow_stage
+
+        context = get_current_context()
+        params = context["params"]
+        policy = ShadowPolicy(
+            min_texts=params["shadow_min_texts"],
+            max_minutes=params["shadow_max_minutes"],
+            min_agreement=params["shadow_min_agreement"],
+            on_quiet=params["quiet_service"],
+        )
+        try:
+            result = shadow_stage(_settings(context), stage, policy, actor=context["dag_run"].run_id)
+        except RolloutStopped as err:
+            publish_links(context, rollout_report=((err.report or {}).get("report") or {}).get("html"))
+            raise AirflowFailException(str(err)) from err
+        publish_links(context, rollout_report=result["shadow"]["report"]["html"])
+        return result
+
+    @task(retries=0, execution_timeout=timedelta(hours=25))  # a retry would re-judge after a rollback
+    def canary(stage: dict[str, Any]) -> dict[str, Any]:
+        """The candidate answers a share of live requests; compare errors and latency; promote or roll back."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ml.rollout_report import CanaryPolicy
+        from ml.staged_rollout import RolloutStopped, canary_stage
+
+        context = get_current_context()
+        params = context["params"]
+        if params.get("rollout") != "shadow+canary":
+            skip(
+                f"rollout {params.get('rollout')}: no canary stage; deploy promotes the candidate from shadow"
+            )
+        policy = CanaryPolicy(
+            fraction=params["canary_fraction"],
+            min_requests=params["canary_min_requests"],
+            max_minutes=params["canary_max_minutes"],
+            on_quiet=params["quiet_service"],
+        )
+        try:
+            result = canary_stage(_settings(context), stage, policy, actor=context["dag_run"].run_id)
+        except RolloutStopped as err:
+            publish_links(context, rollout_report=((err.report or {}).get("report") or {}).get("html"))
+            raise AirflowFailException(str(err)) from err
+        publish_links(context, rollout_report=result["canary"]["report"]["html"])
+        return result
+
+    # runs after the live stages passed, or when they were skipped (direct rollout, nothing served)
+    @task(retries=1, trigger_rule="none_failed_min_one_success")
+    def deploy(outcome: dict[str, Any]) -> dict[str, Any]:
+        """Point the model's Ray Serve application at the new champion; roll back if it does not serve."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ml.rollout import DeployError, deploy_promoted
 
         if not outcome["promoted"]:
             skip(
                 f"v{outcome['version']} was not promoted; champion is still v{outcome['champion_version']}: "
                 "the serving application is left untouched"
             )
-        settings = _settings(get_current_context())
         try:
-            result = ServeDeployer(settings).deploy(
-                outcome["version"], model_name=outcome["name"], run_id=outcome.get("run_id")
-            )
+            context = get_current_context()
+            return deploy_promoted(_settings(context), outcome, actor=context["dag_run"].run_id)
         except DeployError as err:
             raise AirflowFailException(str(err)) from err
-        return result
 
     @task(retries=0)  # a retry after a rollback would re-test the old version: see NO_RETRY in the tests
-    def smoke_test(deployed: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    def smoke_test(
+        deployed: dict[str, Any], summary: dict[str, Any], outcome: dict[str, Any]
+    ) -> dict[str, Any]:
         """Served predictions must equal the evaluated model's offline ones; else roll back."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from ml.registry import mark_serving
+        from ml.rollout import DeployError, verify_deployed
         from ml.storage import ObjectStore
-        from serve.deploy import DeployError, ServeDeployer
 
         context = get_current_context()
         settings = _settings(context)
         expected = ObjectStore(settings).get_json(summary["evaluation_key"]).get("smoke")
-        version = deployed["version"]
+        passed = [t for t in ("shadow_check", "canary") if context["ti"].xcom_pull(task_ids=t)]
+        staged = not outcome.get("champion_moved", True)
+        reason = (
+            f"promoted after the live {' and '.join(t.removesuffix('_check') for t in passed)} stage"
+            f"{'s' if len(passed) > 1 else ''} passed"
+            if passed
+            else "promoted to champion by the offline gate"
+        )
         try:
-            report = ServeDeployer(settings).verify(deployed, expected)  # rolls back on failure
+            report = verify_deployed(
+                settings,
+                deployed,
+                expected,
+                actor=context["dag_run"].run_id,
+                reason=reason,
+                move_champion=staged,
+            )
         except DeployError as err:
             raise AirflowFailException(str(err)) from err
-        mark_serving(
-            settings, version, name=deployed["name"], tags={"deployed_by": context["dag_run"].run_id}
-        )
         publish_links(context, serve=settings.serve_link("v1/model"))
         log.info(
             "%s v%s is serving at %s (MLflow alias 'serving')",
             deployed["name"],
-            version,
+            deployed["version"],
             settings.serve_link("v1/predict"),
         )
-        return {**report, "name": deployed["name"], "serve_url": settings.serve_url}
+        return report
 
     validated = with_links(validate(extract()), DataDocsLink())
     plan = plan_training(validated)
@@ -421,7 +600,11 @@ def continuous_training() -> None:
     )
     outcome = with_links(register(plan, summary, validated), MlflowRunLink(), MlflowModelLink())
     evaluate >> outcome
-    with_links(smoke_test(deploy(outcome), summary), ServedModelLink())
+    stage = with_links(start_shadow(outcome), ServingHistoryLink())
+    staged = with_links(canary(with_links(shadow_check(stage), RolloutReportLink())), RolloutReportLink())
+    deployed = deploy(outcome)
+    staged >> deployed
+    with_links(smoke_test(deployed, summary, outcome), ServedModelLink())
 
 
 def trigger_reason(dag_run: Any) -> str:

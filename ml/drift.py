@@ -2,7 +2,7 @@
 
 :func:`compare` puts a reference sample of the model's training split (``text`` + the TRUE
 ``label``) beside a window of served predictions (``text`` + the PREDICTED ``label``, as
-:func:`serve.prediction_log.read_predictions` returns them) and runs one Evidently 0.7 report:
+:func:`ml.prediction_log.read_predictions` returns them) and runs one Evidently 0.7 report:
 
 * **text drift** — Evidently's domain-classifier method (``abs_text_content_drift``): a TF-IDF +
   linear classifier is trained on half of the pooled texts to tell reference from current, and its

@@ -44,6 +44,37 @@ def raw_prefix(settings: Settings) -> str:
     return f"{RAW}/{settings.dataset}/"
 
 
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def raw_datasets(store: ObjectStore) -> list[str]:
+    """The datasets under ``raw/``: its first-level folders (``raw/<dataset>/``), sorted."""
+    found = store.client.list_objects(store.bucket, prefix=f"{RAW}/", recursive=False)
+    return sorted(
+        {o.object_name[len(RAW) + 1 :].strip("/") for o in found if o.is_dir} - {""},
+    )
+
+
+def datasets_to_watch(found: list[str], requested: list[str] | None = None) -> list[str]:
+    """Which datasets to look at for new data: ``requested`` (an operator's choice, whether or not
+    ``raw/<name>/`` exists yet) if any, else every dataset ``found`` under ``raw/``; sorted, once
+    each. A requested name that is not one folder name (empty, ``a/b``, ``..``) is a ValueError; a
+    found folder of that kind is skipped with a warning."""
+    if requested:
+        names = [str(n).strip() for n in requested]
+        bad = [n for n in names if not _DATASET_NAME.match(n)]
+        if bad:
+            raise ValueError(f"not dataset names (one folder under raw/ each): {bad}")
+        return sorted(set(names))
+    names = set()
+    for name in found:
+        if _DATASET_NAME.match(name):
+            names.add(name)
+        else:
+            log.warning("ignoring raw/%s/: not a dataset name", name)
+    return sorted(names)
+
+
 def batch_due(batch: RawBatch, cutoff: datetime) -> bool:
     """Date-named batches are due once their day has started before the cutoff; other
     batch ids once all their files were uploaded before it."""

@@ -1,6 +1,6 @@
 """One drift check over a window of served predictions: reference, compare, report, record.
 
-The window is what the service logged (``serve.prediction_log``) between ``start`` and ``end``.
+The window is what the service logged (``ml.prediction_log``) between ``start`` and ``end``.
 It is compared with the **reference of the model that served it**: a sample of the training
 split of the snapshot that model version was trained on (its registry tag ``snapshot_id`` points
 to ``snapshots/<id>/splits/train.parquet``), so after a retraining the next window is compared
@@ -37,13 +37,18 @@ REFERENCE_ROWS = 1000
 
 
 def production_rows(window: pd.DataFrame) -> pd.DataFrame:
-    """The window without the pipeline's own requests (deploy smoke tests): users' traffic only."""
-    from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+    """The answers users received: without the pipeline's own requests (deploy smoke tests), a
+    shadow candidate's answers (mirrored copies nobody saw) and failed attempts (ml.prediction_log.
+    client_rows); a text counts once, with the model that answered it."""
+    from ml.prediction_log import PIPELINE_REQUEST_PREFIX, client_rows
 
     own = window["request_id"].astype(str).str.startswith(PIPELINE_REQUEST_PREFIX)
     if own.any():
         log.info("leaving out %d rows of the pipeline's own requests (smoke tests)", int(own.sum()))
-    return window[~own]
+    answered = client_rows(window[~own])
+    if len(answered) < int((~own).sum()):
+        log.info("leaving out %d shadow or failed rows", int((~own).sum()) - len(answered))
+    return answered
 
 
 def serving_model(window: pd.DataFrame) -> tuple[str, str] | None:
@@ -53,6 +58,63 @@ def serving_model(window: pd.DataFrame) -> tuple[str, str] | None:
     counts = window.groupby(["model_name", "model_version"]).size().sort_values(ascending=False)
     name, version = counts.index[0]
     return str(name), str(version)
+
+
+def served_models(window: pd.DataFrame) -> list[dict[str, Any]]:
+    """Every model that answered rows of the window, once per registered model name: the version
+    that answered most of that model's rows (as :func:`serving_model` for the whole window), its
+    row count, and the model's rows in all. Most-served first, then by name; rows without a model
+    name (never written by the service) are left out."""
+    named = window[window["model_name"].notna() & (window["model_name"].astype(str) != "")]
+    models = []
+    for name, rows in named.groupby("model_name", sort=True):
+        counts = rows.groupby("model_version", dropna=False).size()
+        # most rows first; among equal counts the highest version number (the newer one)
+        version = max(counts.index, key=lambda v: (int(counts[v]), _version_order(v)))
+        models.append(
+            {
+                "name": str(name),
+                "version": str(version),
+                "rows": int(counts[version]),
+                "model_rows": len(rows),
+            }
+        )
+    return sorted(models, key=lambda m: (-m["model_rows"], m["name"]))
+
+
+def _version_order(version: Any) -> tuple[int, str]:
+    text = str(version)
+    return (int(text), "") if text.isdigit() else (-1, text)
+
+
+MODEL_NAME_SUFFIX = "-classifier"
+
+
+def model_dataset(model_name: str, recorded: str | None = None) -> tuple[str | None, str]:
+    """The dataset a model is trained on, and where that came from.
+
+    ``recorded``, the ``dataset`` field of the manifest of the snapshot the version was trained on,
+    wins; else the registered name ``<dataset>-classifier`` (``Settings.registered_model``'s
+    default) names it; else the dataset is unknown (a custom ``CT_REGISTERED_MODEL`` without a
+    manifest) and (None, "unknown") comes back.
+    """
+    if recorded:
+        return recorded, "snapshot manifest"
+    if model_name.endswith(MODEL_NAME_SUFFIX) and len(model_name) > len(MODEL_NAME_SUFFIX):
+        return model_name.removesuffix(MODEL_NAME_SUFFIX), "model name"
+    return None, "unknown"
+
+
+def models_in_window(
+    settings: Settings, start: datetime, end: datetime, store: ObjectStore | None = None
+) -> list[dict[str, Any]]:
+    """:func:`served_models` of the users' traffic logged in [start, end) (the pipeline's own
+    requests left out)."""
+    from ml.prediction_log import read_predictions
+    from ml.storage import ObjectStore
+
+    store = store or ObjectStore(settings)
+    return served_models(production_rows(read_predictions(store, start, end)))
 
 
 def reference_for(
@@ -89,22 +151,35 @@ def check_window(
     end: datetime,
     thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
     store: ObjectStore | None = None,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Compare the served window [start, end) with its model's reference; store and record the result.
 
-    Returns the JSON summary (verdict, scores, rows, the report's key and URL, the MLflow run id).
+    ``model_name``: check that registered model's rows of the window (the version that answered
+    most of them); None checks the model that answered most of the whole window.
+    Returns the JSON summary (verdict, scores, rows, the model and its dataset, the report's key
+    and URL, the MLflow run id).
     """
     from ml.drift import INSUFFICIENT_DATA, compare
+    from ml.prediction_log import read_predictions
     from ml.storage import ObjectStore
-    from serve.prediction_log import read_predictions
 
     store = store or ObjectStore(settings)
     window = production_rows(read_predictions(store, start, end))
+    if model_name is not None:
+        window = window[window["model_name"] == model_name]
     model = serving_model(window)
     base = {"window": {"start": start.isoformat(), "end": end.isoformat()}, "served_rows": len(window)}
     if model is None:
-        summary = {**base, "verdict": INSUFFICIENT_DATA, "reason": "no predictions were logged in the window"}
-        log.info("drift check %s .. %s: no traffic, no verdict", start, end)
+        which = f" by {model_name}" if model_name else ""
+        summary = {
+            **base,
+            "verdict": INSUFFICIENT_DATA,
+            "reason": f"no predictions{which} were logged in the window",
+        }
+        if model_name:
+            summary["model"] = {"name": model_name, "version": None}
+        log.info("drift check %s .. %s: no traffic%s, no verdict", start, end, which)
         return summary
     name, version = model
     current = window[(window["model_name"] == name) & (window["model_version"] == version)]
@@ -119,13 +194,14 @@ def check_window(
             )
         current = current[same]
     result = compare(reference, current[["text", "label"]], thresholds)
-    dataset = _dataset_of(store, reference_key)
+    dataset, dataset_source = model_dataset(name, _dataset_of(store, reference_key))
     prefix = f"{DRIFT_REPORTS}/{name}/{end:%Y%m%dT%H%M%S}"
     summary = {
         **base,
         **result.summary(),
         "model": {"name": name, "version": version},
         "dataset": dataset,
+        "dataset_source": dataset_source,
         "reference_key": reference_key,
         "summary_key": f"{prefix}/summary.json",
         "report_key": f"{prefix}/report.html" if result.html else None,

@@ -199,8 +199,12 @@ def register_challenger(
     evaluation: dict[str, Any],
     tags: dict[str, Any] | None = None,
     force_promote: bool = False,
+    move_champion: bool = True,
 ) -> dict[str, Any]:
     """Register the run's model as the ``challenger``; move ``champion`` to it if the gate said so.
+
+    ``move_champion`` False (a staged rollout, ``ml.staged_rollout``): a version the gate passed
+    stays ``challenger`` until it passed the live stages; the result says ``champion_moved``.
 
     ``evaluation`` is what :func:`ml.evaluate.evaluate_challenger` returned for this run; ``tags``
     are extra version tags (validation summary, trigger reason, ...). ``force_promote`` makes it
@@ -257,7 +261,8 @@ def register_challenger(
         name, version.version, description=f"{'PROMOTED' if promote else 'NOT PROMOTED'}: {reason}"
     )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
-    if promote:
+    champion_moved = promote and (move_champion or forced)
+    if champion_moved:
         # one alias update: models:/<name>@champion never dangles, not even for a moment
         client.set_registered_model_alias(name, CHAMPION, version.version)
         current_number = version.version
@@ -274,6 +279,7 @@ def register_challenger(
         "version": str(version.version),
         "run_id": version.run_id,
         "promoted": promote,
+        "champion_moved": champion_moved,
         "forced": forced,
         "champion_version": None if current_number is None else str(current_number),
         "reason": reason,

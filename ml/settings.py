@@ -12,6 +12,7 @@ links and messages meant for a browser use the second (empty = the first).
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -130,6 +131,13 @@ class Settings(BaseSettings):
 
     # --- dataset schema ----------------------------------------------------------------
     dataset: str = Field("agnews", description="Dataset name: raw/<dataset>/<batch>/<file>.")
+    serve_default_dataset: str = Field(
+        "",
+        description="The deployment's default dataset: its model is served by the Serve application "
+        "'classifier' at route / (and also at /<dataset>); every other dataset's model gets an application "
+        "of its own named after the dataset, at /<dataset>. A DAG run that overrides `dataset` keeps this "
+        "one, so the deploy task knows both. Empty = CT_DATASET of the environment, else 'agnews'.",
+    )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
     allowed_labels: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -160,6 +168,19 @@ class Settings(BaseSettings):
     def _default_model_name(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("registered_model"):
             data = {**data, "registered_model": f"{data.get('dataset') or 'agnews'}-classifier"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_serve_dataset(cls, data: Any) -> Any:
+        """``serve_default_dataset`` unset: the environment's CT_DATASET, not a per-run ``dataset``
+        override (``Settings(dataset=...)`` changes which model a run trains and deploys, never which
+        dataset owns the default application)."""
+        if isinstance(data, dict) and not data.get("serve_default_dataset"):
+            data = {
+                **data,
+                "serve_default_dataset": os.environ.get("CT_DATASET") or cls.model_fields["dataset"].default,
+            }
         return data
 
     @model_validator(mode="after")

@@ -91,6 +91,11 @@ class ObjectStore:
                 last_modified=obj.last_modified,
             )
 
+    def subfolders(self, prefix: str) -> list[str]:
+        """The "folders" right under ``prefix`` (which ends in ``/``): ``prefix/<name>/``, in key order."""
+        found = self.client.list_objects(self.bucket, prefix=prefix, recursive=False)
+        return [obj.object_name for obj in found if obj.is_dir]
+
     def stat(self, key: str) -> ObjectInfo | None:
         """Object metadata, or None if the key does not exist."""
         try:

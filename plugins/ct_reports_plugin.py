@@ -6,6 +6,9 @@ Airflow's api-server at ``/ct/reports/<key>`` that streams them from the data bu
 who are logged in to Airflow (the UI's session cookie, or a bearer token), so the extra links on
 task instances open them with Airflow's own access control and no public bucket.
 
+It also renders the serving history of each model (:mod:`ml.serving_history`): ``/ct/serving/``
+lists the models that have one, ``/ct/serving/<model>`` shows its timeline and entries.
+
 Only report objects are served: keys under ``reports/`` and the validation reports under
 ``quarantine/<dataset>/<batch>/_validation/``. Raw or quarantined data itself is never served.
 
@@ -98,6 +101,61 @@ def report_response(key: str) -> Response:
 @app.get("/reports/{key:path}", summary="A report object from the data bucket")
 def get_report(key: str, _user=Depends(get_user)) -> Response:  # noqa: B008 (FastAPI dependency)
     return report_response(key)
+
+
+# The serving history pages (ml/serving_history_page.py) hold no script at all: scripts are refused
+# outright, so even an entry that somehow became markup could run nothing. Same isolation otherwise.
+HISTORY_CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'none'",
+        "style-src 'unsafe-inline'",
+        "img-src data:",
+        "connect-src 'none'",
+        "form-action 'none'",
+        "base-uri 'none'",
+        "frame-ancestors 'self'",
+        "sandbox allow-scripts",
+    )
+)
+HISTORY_HEADERS = {**REPORT_HEADERS, "Content-Security-Policy": HISTORY_CONTENT_SECURITY_POLICY}
+
+
+def _history_store():
+    from ct_airflow.settings import pipeline_settings
+    from ml.storage import ObjectStore
+
+    settings = pipeline_settings()
+    return settings, ObjectStore(settings)
+
+
+@app.get("/serving/", summary="The models that have a serving history")
+def get_serving_index(_user=Depends(get_user)) -> Response:  # noqa: B008 (FastAPI dependency)
+    from ml.serving_history import models_with_history, read
+    from ml.serving_history_page import render_index_page
+
+    settings, store = _history_store()
+    models = {}
+    for model in models_with_history(settings, store=store):
+        newest = read(settings, model, limit=1, store=store)
+        models[model] = newest[0] if newest else None
+    return Response(render_index_page(models), media_type="text/html", headers=HISTORY_HEADERS)
+
+
+@app.get("/serving/{model}", summary="A model's serving history: timeline and entries")
+def get_serving_history(model: str, _user=Depends(get_user)) -> Response:  # noqa: B008 (FastAPI dependency)
+    from ml.serving_history import check_model_name, read
+    from ml.serving_history_page import render_history_page
+
+    try:
+        check_model_name(model)
+    except ValueError as err:
+        raise HTTPException(404, str(err), headers=HISTORY_HEADERS) from err
+    settings, store = _history_store()
+    entries = read(settings, model, store=store)
+    if not entries:
+        raise HTTPException(404, f"{model!r} has no serving history", headers=HISTORY_HEADERS)
+    return Response(render_history_page(model, entries), media_type="text/html", headers=HISTORY_HEADERS)
 
 
 class CtReportsPlugin(AirflowPlugin):

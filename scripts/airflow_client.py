@@ -110,21 +110,45 @@ class AirflowClient:
                 )
             time.sleep(3)
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def xcom(
+        self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int | None = None
+    ) -> Any:
+        """An XCom value; ``map_index`` picks one instance of a mapped task."""
         entry = self._call(
-            "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
+            params={} if map_index is None else {"map_index": map_index},
         )
         return entry["value"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int | None = None) -> str:
+    def mapped(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
+        """The instances of a mapped task (``map_index``, ``rendered_map_index``, ``state``, ...),
+        in map-index order."""
+        instances = self._call(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/listMapped",
+            params={"limit": 100},
+        )["task_instances"]
+        return sorted(instances, key=lambda ti: ti["map_index"])
+
+    def task_log(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        try_number: int | None = None,
+        map_index: int | None = None,
+    ) -> str:
         """The task instance's log as text (the latest try unless ``try_number``)."""
+        index = "" if map_index is None else f"/{map_index}"
+        params = {} if map_index is None else {"map_index": map_index}
         if try_number is None:
-            ti = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+            ti = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}{index}")
             try_number = max(int(ti.get("try_number") or 1), 1)
         body = self._call(
             "GET",
             f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-            params={"full_content": "true"},
+            params={"full_content": "true", **params},
             headers={"Accept": "application/json"},
         )
         content = body.get("content") if isinstance(body, dict) else body
@@ -134,8 +158,12 @@ class AirflowClient:
             )
         return str(content)
 
-    def links(self, dag_id: str, run_id: str, task_id: str) -> dict[str, str | None]:
+    def links(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int | None = None
+    ) -> dict[str, str | None]:
         """The task instance's extra links, {name: url}."""
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")[
-            "extra_links"
-        ]
+        return self._call(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links",
+            params={} if map_index is None else {"map_index": map_index},
+        )["extra_links"]

@@ -6,8 +6,9 @@ and show a prediction served by the version MLflow marks ``champion``.
 Act 2 (``--no-drift`` skips it): labelled production data arrives (the 600 AG News rows held
 back, as a new batch in ``raw/``), 20 Newsgroups posts are sent to the service over HTTP,
 ``drift_monitor`` finds drift and triggers ``continuous_training``, which retrains on the new
-batch plus the earlier data, warm-starting from the champion for one epoch, and deploys the
-result only if it beats the champion. Finally the
+batch plus the earlier data, warm-starting from the champion for one epoch; a model that beats
+the champion then runs in shadow beside it on live traffic (the demo sends AG News texts) and is
+deployed only if it agrees with the champion there. Finally the
 monitor and the raw-data watch are unpaused, so the loop keeps running on its schedules.
 
 Expects the local stack to be up (``make demo`` runs ``make up`` first). Unpausing the training
@@ -41,7 +42,17 @@ WATCH = "raw_data_watch"
 SEED_ROWS = 5000  # the other 600 AG News rows arrive in act 2 as labelled production data
 QUICK_ROWS = 1200  # --quick: a first look in a few minutes (act 1 only, a smaller model quality)
 DRIFT_TEXTS = 300
-RETRAIN_PARAMS = {"init_from": "champion", "epochs": 1}
+# The retrained model takes over through a shadow stage: it answers a mirrored copy of the live
+# traffic (the demo sends some) and must agree with the champion before it serves. The canary
+# stage is left to the production default (shadow+canary) to keep the demo short.
+RETRAIN_PARAMS = {
+    "init_from": "champion",
+    "epochs": 1,
+    "rollout": "shadow",
+    "shadow_min_texts": 150,
+    "shadow_max_minutes": 4,
+}
+LIVE_TEXTS = 400  # AG News texts sent while the shadow stage runs, paced
 log = logging.getLogger("demo")
 
 
@@ -91,12 +102,29 @@ def report(settings: Settings, store: ObjectStore, client: AirflowClient, run_id
             f"  trained    {trained['epochs_completed']} epochs, best validation macro-F1 "
             f"{trained['best_val_macro_f1']:.3f} (MLflow run {trained['mlflow_run_id']})"
         )
+    outcome = {}
     if states.get("register") == "success":
         outcome = client.xcom(DAG_ID, run_id, "register")
+        role = "challenger"
+        if outcome["promoted"]:
+            role = (
+                "champion"
+                if outcome.get("champion_moved", True)
+                else "passed the gate (challenger until live)"
+            )
+        print(f"  registered {outcome['name']} v{outcome['version']}: {role} - {outcome['reason']}")
+    if states.get("shadow_check") in {"success", "failed"}:
+        stage = client.xcom(DAG_ID, run_id, "shadow_check") or {}
+        links = client.links(DAG_ID, run_id, "shadow_check")
+        shadow = stage.get("shadow") or {}
         print(
-            f"  registered {outcome['name']} v{outcome['version']}: "
-            f"{'champion' if outcome['promoted'] else 'challenger'} - {outcome['reason']}"
+            f"  shadow     v{outcome['version']} beside the champion on live traffic: "
+            f"{(shadow.get('decision') or states['shadow_check']).upper()} - "
+            f"{shadow.get('reason') or 'see the task log'}"
         )
+        print(f"  Rollout report: {links.get('Rollout report')}  (log in to Airflow first)")
+    elif states.get("start_shadow") == "skipped" and states.get("register") == "success":
+        print("  shadow     skipped: nothing served yet (or rollout direct): deployed directly")
     if states.get("smoke_test") == "success":
         deployed = client.xcom(DAG_ID, run_id, "deploy")
         print(
@@ -155,8 +183,8 @@ def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, tim
     """New labelled data + drifted traffic -> drift_monitor -> a drift-triggered training run."""
     from datetime import UTC, datetime
 
+    from ml.prediction_log import wait_for_logged
     from serve.client import predict
-    from serve.prediction_log import wait_for_logged
 
     print("\n=== Act 2: the service's traffic drifts ===")
     today = datetime.now(UTC).date().isoformat()
@@ -181,14 +209,28 @@ def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, tim
     monitor_run = client.trigger(MONITOR, conf={"window_hours": hours, "training_params": RETRAIN_PARAMS})
     log.info("waiting for %s (http://127.0.0.1:8080/dags/%s)", monitor_run, MONITOR)
     client.wait_for_run(MONITOR, monitor_run, timeout=900)
-    check = client.xcom(MONITOR, monitor_run, "check")
-    states = client.task_states(MONITOR, monitor_run)
+    # one mapped check per model that served the window: this demo's model
+    checks = client.mapped(MONITOR, monitor_run, "per_model.check")
+    index = next(
+        (ti["map_index"] for ti in checks if ti["rendered_map_index"] == settings.registered_model), None
+    )
+    if index is None:
+        states = client.task_states(MONITOR, monitor_run)
+        print(f"  drift_monitor checked no traffic of {settings.registered_model}: {states}")
+        return False
+    check = client.xcom(MONITOR, monitor_run, "per_model.check", map_index=index)
+    states = {
+        task: ti["state"]
+        for task in ("decide", "trigger_training")
+        for ti in client.mapped(MONITOR, monitor_run, f"per_model.{task}")
+        if ti["map_index"] == index
+    }
     print(
         f"  drift_monitor: verdict {check['verdict']}, drift score {check.get('drift_score')}, "
         f"text ROC AUC {(check.get('text') or {}).get('score')}, "
         f"label JS distance {(check.get('label') or {}).get('distance')}"
     )
-    links = client.links(MONITOR, monitor_run, "check")
+    links = client.links(MONITOR, monitor_run, "per_model.check", map_index=index)
     print(f"  Evidently report: {links.get('Evidently report')}  (log in to Airflow first)")
     print(f"  in MLflow:        {links.get('MLflow run')}")
     if states.get("trigger_training") != "success":
@@ -200,11 +242,80 @@ def drift_act(settings: Settings, store: ObjectStore, client: AirflowClient, tim
         if (r.get("conf") or {}).get("drift_run_id") == check["mlflow_run_id"]
     ]
     ok = bool(triggered)
+    live = held_back_rows()["text"].tolist()[:LIVE_TEXTS]  # in-distribution texts users keep sending
     for run in triggered:
         log.info("waiting for the drift-triggered run %s", run["dag_run_id"])
-        client.wait_for_run(DAG_ID, run["dag_run_id"], timeout=timeout)
+        with LiveTraffic(
+            settings.serve_url, live, lambda r=run["dag_run_id"]: _in_shadow(client, r)
+        ) as traffic:
+            client.wait_for_run(DAG_ID, run["dag_run_id"], timeout=timeout)
+        if traffic.sent:
+            print(
+                f"  live traffic during the shadow stage: {traffic.sent} requests, "
+                f"{traffic.failed} failed, answered by {', '.join(sorted(traffic.versions)) or 'nothing'}"
+            )
         ok = report(settings, store, client, run["dag_run_id"]) and ok
     return ok
+
+
+def _in_shadow(client: AirflowClient, run_id: str) -> bool:
+    try:
+        return client.task_states(DAG_ID, run_id).get("shadow_check") == "running"
+    except Exception:
+        return False
+
+
+class LiveTraffic:
+    """Users' requests while a run is in its shadow stage: one request every ``pause_s`` once
+    ``start()`` says so, at most ``len(texts)`` of them; counts failures and answering versions."""
+
+    def __init__(
+        self, url: str, texts: list[str], start, pause_s: float = 0.25, client_keys: int = 25
+    ) -> None:
+        import threading
+
+        self.url, self.texts, self.start, self.pause_s = (
+            f"{url.rstrip('/')}/v1/predict",
+            texts,
+            start,
+            pause_s,
+        )
+        self.sent, self.failed, self.versions, self.client_keys = 0, 0, set(), client_keys
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import requests
+
+        while not self._stop.is_set() and not self.start():
+            self._stop.wait(5)
+        session = requests.Session()
+        for i, text in enumerate(self.texts):
+            if self._stop.is_set():
+                return
+            try:
+                resp = session.post(
+                    self.url,
+                    json={"text": text},
+                    headers={"X-Client-Key": f"user-{i % self.client_keys}"},
+                    timeout=60,
+                )
+                if resp.status_code == 200:
+                    self.versions.add(f"v{resp.json()['model']['version']}")
+                else:
+                    self.failed += 1
+            except requests.RequestException:
+                self.failed += 1
+            self.sent += 1
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> LiveTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=90)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,14 @@ def _log_file(s: Settings, name: str) -> Path:
     return _state(s, "logs", f"{name}.log")
 
 
+def ray_num_cpus() -> str:
+    """The local Ray head's logical CPUs: ``CT_RAY_NUM_CPUS``, else twice the machine's cores."""
+    value = os.environ.get("CT_RAY_NUM_CPUS", "").strip()
+    if value and not (value.isdigit() and int(value) > 0):
+        raise SystemExit(f"CT_RAY_NUM_CPUS must be a positive integer, got {value!r}")
+    return value or str(2 * (os.cpu_count() or 1))
+
+
 def _ray_token_path(s: Settings) -> Path:
     return _state(s, "ray", "auth_token")
 
@@ -492,9 +500,10 @@ def _services(s: Settings) -> dict[str, Service]:
         "--ray-client-server-port", str(RAY_CLIENT_PORT),
         "--include-dashboard", "true",
         "--dashboard-host", ray_host, "--dashboard-port", str(dash_port),
-        # One logical CPU more than the machine has: a serving replica (1 CPU) and a 2-worker
-        # training job fit side by side on a 2-core laptop (inference mostly idles between requests).
-        "--num-cpus", str((os.cpu_count() or 1) + 1), "--disable-usage-stats",
+        # Twice the machine's cores as logical CPUs (CT_RAY_NUM_CPUS overrides): each model's Serve
+        # replica (1 CPU) and a 2-worker training job fit side by side on a 2-core laptop, with two
+        # models served (inference mostly idles between requests).
+        "--num-cpus", ray_num_cpus(), "--disable-usage-stats",
         # Prometheus metrics of Ray, Serve and the app (ct_serve_*) on this port of every node.
         "--metrics-export-port", str(RAY_METRICS_PORT),
     ]

@@ -6,7 +6,11 @@ param title (the form is never submitted). JS exceptions, console errors (CSP re
 and HTTP >= 400 answers from Airflow fail the check too. A PNG screenshot of every page and dialog
 goes to the out dir.
 
-    .venv/bin/python scripts/ui_check.py [--base-url URL] [--out DIR] [--dag DAG_ID ...]
+    .venv/bin/python scripts/ui_check.py [--base-url URL] [--out DIR] [--dag DAG_ID ...] [--history MODEL ...]
+
+``--history MODEL`` also opens the model's serving history page (``/ct/serving/MODEL``, the
+``ct_reports`` plugin): it must show its table of entries and its timeline, and no script may be in
+it or run from it.
 
 Exit status: 0 all checks passed, 1 a check failed, 2 chromium is not installed.
 What the page is expected to show comes from the REST API, not from this file. Playwright drives
@@ -581,6 +585,42 @@ class UiChecker:
             f"{url} rendered {self.page.title()!r} with {len(text)} characters of text",
         )
 
+    # ---- a serving history page (the ct_reports plugin's /ct/serving/<model>) ----------
+
+    def history_page(self, url: str, name: str) -> None:
+        """Open a model's serving history: it must show the entries' table and the timeline, and hold
+        no script: none in the document, none that ran (an entry's text that became markup and ran
+        would set ``window.__pwned`` or make an element whose id starts with ``pwn``, the hostile
+        test payloads' mark). Console errors (a CSP refusal of a script) fail the stage's
+        browser-errors check."""
+        self.goto(url)
+        self.page.locator("table#history tbody tr").first.wait_for()
+        self.page.locator("svg#timeline circle").first.wait_for()
+        state = self.page.evaluate(_HISTORY_STATE)
+        self.shot(f"history-{name}")
+        clean = state["scripts"] == 0 and state["ran"] is None and state["injected"] == 0
+        self.check(
+            clean and state["rows"] > 0 and state["dots"] > 0,
+            "history",
+            name,
+            f"{url} shows {state['rows']} entries and a timeline of {state['dots']} dots; "
+            + (
+                "no script in the page and none ran"
+                if clean
+                else f"SCRIPT: {state['scripts']} <script> elements, window.__pwned={state['ran']!r}, "
+                f"{state['injected']} injected elements"
+            ),
+        )
+
+
+_HISTORY_STATE = """() => ({
+    rows: document.querySelectorAll('table#history tbody tr').length,
+    dots: document.querySelectorAll('svg#timeline circle').length,
+    scripts: document.scripts.length,
+    ran: window.__pwned === undefined ? null : String(window.__pwned),
+    injected: document.querySelectorAll('[id^="pwn"]').length,
+})"""
+
 
 # --------------------------------------------------------------------------------------
 # entry points
@@ -667,11 +707,13 @@ def run_ui_check(
     out_dir: Path,
     timeout: float = 45.0,
     links: dict[str, str] | None = None,
+    history_pages: dict[str, str] | None = None,
 ) -> UiReport:
     """Check the UI in headless Chromium; ``dag_ids=None`` checks every DAG tagged continuous-training.
 
     ``links`` ({name: url}) are pages a task links to (reports, MLflow): each must render for the
-    logged-in user.
+    logged-in user. ``history_pages`` ({name: url}) are serving history pages
+    (``/ct/serving/<model>``): each must show its table and timeline and run no script.
 
     Raises ChromiumNotFound when no chromium is installed. Every wait is bounded by ``timeout``
     seconds, and the browser and its temporary profile are gone when this returns.
@@ -708,7 +750,8 @@ def run_ui_check(
 
     # a bound on the whole run too, however many waits come close to their own timeout
     links = links or {}
-    budget = 4 * timeout + 6 * timeout * len(dags) + 2 * timeout * len(links)
+    history_pages = history_pages or {}
+    budget = 4 * timeout + 6 * timeout * len(dags) + 2 * timeout * (len(links) + len(history_pages))
     with _session(base_url, user, password, out_dir, report, timeout, budget) as (checker, in_budget):
         if checker and in_budget():
             checker.stage("dag-list", "ui", lambda: checker.dag_list(dags))
@@ -724,6 +767,9 @@ def run_ui_check(
         for name, url in links.items() if checker else ():
             if in_budget():
                 checker.stage("link", name, lambda name=name, url=url: checker.linked_page(url, name))
+        for name, url in history_pages.items() if checker else ():
+            if in_budget():
+                checker.stage("history", name, lambda name=name, url=url: checker.history_page(url, name))
     report.seconds = time.monotonic() - started
     return report
 
@@ -749,6 +795,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="also open this page as the logged-in user (e.g. a task's report link; repeatable)",
     )
+    parser.add_argument(
+        "--history",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also check the serving history page of this model (/ct/serving/MODEL; repeatable)",
+    )
     parser.add_argument("--user", help="default: the login Airflow standalone generated")
     parser.add_argument("--password")
     args = parser.parse_args(argv)
@@ -766,8 +819,16 @@ def main(argv: list[str] | None = None) -> int:
         user, password = stack.airflow_login()
 
     links = {f"open-{i + 1}": url for i, url in enumerate(args.open)}
+    history_pages = {m: f"{args.base_url.rstrip('/')}/ct/serving/{quote(m)}" for m in args.history}
     report = run_ui_check(
-        args.base_url, user, password, args.dags, args.out, timeout=args.timeout, links=links
+        args.base_url,
+        user,
+        password,
+        args.dags,
+        args.out,
+        timeout=args.timeout,
+        links=links,
+        history_pages=history_pages,
     )
     passed = len(report.results) - len(report.failures)
     print(

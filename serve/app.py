@@ -30,37 +30,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
+import random
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
 
+from ml.serve_options import CandidateOptions
 from serve.schemas import (
     REQUEST_ID_PATTERN,
+    CandidateInfo,
     ErrorBody,
     InputError,
     ModelInfo,
     ModelRef,
     Prediction,
     PredictResponse,
+    ServedModel,
+    ServedModels,
     ServeOptions,
     check_request_id,
     max_body_bytes,
@@ -75,6 +82,12 @@ API_TOKEN_ENV = "CT_SERVE_API_TOKEN"  # set it (on the nodes, or in the runtime_
 MODEL_CACHE_ENV = "CT_SERVE_MODEL_CACHE"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+DEPLOYMENT_NAME = "Classifier"  # the deployment of every application of this service (one per dataset)
+MODELS_TIMEOUT_S = 2.0  # GET /v1/models: how long one other application may take to say what it serves
+SHADOW_NICENESS = 19  # a shadow candidate's inference gets the CPU only when requests leave it idle
+SHADOW_QUIET_S = 0.05  # a shadow pass starts only once the serving model has run nothing this long
+SHADOW_PASS_TEXTS = 1  # texts per shadow pass: a pass that overlaps a request batch ends soon
+PIPELINE_REQUEST_PREFIX = "ct-pipeline-"  # ml.prediction_log's: the pipeline's own smoke-test requests
 
 
 # --------------------------------------------------------------------------------------
@@ -197,6 +210,37 @@ def _model_fields(options: ServeOptions) -> tuple[Any, ...]:
     return (options.model_name, options.model_version, options.model_path, options.device, options.dtype)
 
 
+class _Inferences:
+    """The serving model's forward passes running in this replica, and when the last one ended.
+
+    A shadow candidate (:class:`ShadowMirror`) waits for a quiet moment before each of its passes.
+    Only this module's functions use it (Serve ships them to replicas by reference), so the
+    replica's one instance is shared by the request threads and the shadow thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._ended = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running -= 1
+            self._ended = time.monotonic()
+
+    def quiet_s(self) -> float:
+        """Seconds since the last pass ended; 0 while one runs."""
+        with self._lock:
+            return 0.0 if self._running else time.monotonic() - self._ended
+
+
+_SERVING = _Inferences()
+
+
 def _infer(classifier: Any, texts: list[str], threads: int) -> np.ndarray:
     """One forward pass over ``texts``, in a worker thread.
 
@@ -207,7 +251,8 @@ def _infer(classifier: Any, texts: list[str], threads: int) -> np.ndarray:
 
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return classifier.predict_proba(texts, batch_size=len(texts))
+    with _SERVING:
+        return classifier.predict_proba(texts, batch_size=len(texts))
 
 
 def _assigned_cpus() -> int:
@@ -322,7 +367,7 @@ def _openapi() -> dict[str, Any]:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}
             }
-            for path in ("/v1/predict", "/v1/model"):
+            for path in ("/v1/predict", "/v1/model", "/v1/models"):
                 for operation in schema["paths"][path].values():
                     operation["security"] = [{"bearer": []}]
         api.openapi_schema = schema
@@ -330,6 +375,74 @@ def _openapi() -> dict[str, Any]:
 
 
 api.openapi = _openapi  # type: ignore[method-assign]
+
+
+# The default application (route /) also answers under /<its dataset>; set per replica by
+# _publish_route_alias (module-level on purpose: see _publish_limits).
+_route_alias = ""
+
+
+def _publish_route_alias(alias: str) -> None:
+    """Make this replica's HTTP routes answer under ``alias`` too (``""``: under their route only)."""
+    global _route_alias
+    _route_alias = alias.rstrip("/")
+
+
+class DatasetPrefix:
+    """ASGI middleware: the default application (route ``/``) also answers under ``/<dataset>``.
+
+    ``/agnews/v1/predict`` reaches it like ``/v1/predict``: the prefix moves into the ``root_path``
+    (as Serve does with an application's own route prefix), so routing, redirects and the docs
+    page's link to ``openapi.json`` work under both. Other prefixes are left alone: the route of a
+    dataset that has no application of its own gets a 404 here, never this model's answer.
+    ``alias`` None: the replica's (:func:`_publish_route_alias`).
+    """
+
+    def __init__(self, app: Any, alias: str | None = None) -> None:
+        self.app = app
+        self.alias = alias
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        alias = _route_alias if self.alias is None else self.alias
+        if alias and scope["type"] in {"http", "websocket"}:
+            root, path = scope.get("root_path", ""), scope["path"]
+            route = path[len(root) :] if root and path.startswith(root) else path
+            if route == alias or route.startswith(f"{alias}/"):
+                scope = {**scope, "root_path": root + alias}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(DatasetPrefix)
+
+
+def _serve_applications() -> dict[str, dict[str, Any]]:
+    """Serve's own view of the cluster's applications: status, route, deployments (blocking).
+
+    What ``serve.status()`` reads, plus each application's route prefix and deployed config.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    apps = {}
+    for name, app in details.applications.items():
+        config = app.deployed_app_config
+        env = ((config.runtime_env or {}).get("env_vars") or {}) if config else {}
+        apps[name] = {
+            "status": str(getattr(app.status, "value", app.status)),
+            "message": app.message or None,
+            "route_prefix": app.route_prefix or "/",
+            "deployments": sorted(app.deployments),
+            "dataset": env.get("CT_DATASET"),
+        }
+    return apps
+
+
+def _current_app_name() -> str | None:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # outside Serve
+        return None
 
 
 def _publish_limits(max_texts: int, max_chars: int) -> None:
@@ -363,6 +476,8 @@ def _log_records(
     texts: list[str],
     predictions: list[Prediction],
     rows: list[np.ndarray],
+    role: str = "champion",
+    latency_ms: float | None = None,
 ) -> list[dict[str, Any]]:
     """The prediction-log rows of one answered request: one per text.
 
@@ -377,6 +492,7 @@ def _log_records(
         {
             "ts": now,
             "request_id": request_id,
+            "item": i,
             "text": text,
             "label": p.label,
             "score": p.score,
@@ -384,9 +500,177 @@ def _log_records(
             "model_name": model.name,
             "model_version": model.version,
             "model_run_id": model.run_id,
+            "role": role,
+            "latency_ms": latency_ms,
         }
-        for text, p, probs in zip(texts, predictions, rows, strict=True)
+        for i, (text, p, probs) in enumerate(zip(texts, predictions, rows, strict=True))
     ]
+
+
+def _error_records(
+    request_id: str, model: LoadedModel, texts: list[str], error: str, role: str, latency_ms: float | None
+) -> list[dict[str, Any]]:
+    """The prediction-log rows of a request ``model`` failed (label null, ``error`` set)."""
+    now = datetime.now(UTC)
+    return [
+        {
+            "ts": now,
+            "request_id": request_id,
+            "item": i,
+            "text": text,
+            "model_name": model.name,
+            "model_version": model.version,
+            "model_run_id": model.run_id,
+            "role": role,
+            "latency_ms": latency_ms,
+            "error": error[:500],
+        }
+        for i, text in enumerate(texts)
+    ]
+
+
+def _canary_share(key: str, salt: str) -> float:
+    """Where ``key`` falls in [0, 1): the same on every replica, so a client stays on one version
+    for the whole canary (``salt``, the candidate's version, reshuffles clients between rollouts)."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _predictions(labels: list[str], rows: list[np.ndarray], all_scores: bool) -> list[Prediction]:
+    out = []
+    for probs in rows:
+        best = int(np.argmax(probs))
+        out.append(
+            Prediction(
+                label=labels[best],
+                score=float(probs[best]),
+                scores={label: float(p) for label, p in zip(labels, probs, strict=True)}
+                if all_scores
+                else None,
+            )
+        )
+    return out
+
+
+class ShadowMirror:
+    """Runs a shadow candidate on copies of served texts, in one thread of its own at low priority.
+
+    :meth:`offer` never blocks and never fails a request: texts beyond ``queue_texts`` waiting are
+    dropped (and counted). The thread takes up to ``max_batch`` waiting texts at a time, runs the
+    candidate at niceness :data:`SHADOW_NICENESS` with ``threads`` CPU threads, one short pass at a
+    time and only in the serving model's idle moments (:meth:`_predict`), so on a busy replica the
+    serving model's requests keep the CPU and the GIL and the queue overflows instead; it hands the
+    prediction-log rows to ``emit`` (on the event loop). Fault injection (``inject_*``) applies here
+    as in a canary.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        options: CandidateOptions,
+        max_batch: int,
+        emit: Callable[[list[dict[str, Any]], float, int], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.model, self.options, self.max_batch = model, options, max_batch
+        self._emit, self._loop = emit, loop
+        self._queue: deque[tuple[str, int, str]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.stats = {"mirrored": 0, "answered": 0, "failed": 0, "dropped": 0}
+        self._thread = threading.Thread(target=self._run, name="ct-shadow", daemon=True)
+        self._thread.start()
+
+    def offer(self, request_id: str, texts: list[str]) -> bool:
+        with self._cond:
+            if self._closed or len(self._queue) + len(texts) > self.options.shadow_queue_texts:
+                self.stats["dropped"] += len(texts)
+                return False
+            self._queue.extend((request_id, i, text) for i, text in enumerate(texts))
+            self.stats["mirrored"] += len(texts)
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self.stats["dropped"] += len(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+
+    def _take(self) -> list[tuple[str, int, str]] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+
+    def _predict(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """The candidate's probabilities, :data:`SHADOW_PASS_TEXTS` texts a pass, each pass started
+        once the serving model has been idle :data:`SHADOW_QUIET_S`; and the seconds spent waiting.
+
+        Low CPU priority alone is not enough: the shadow's Python code holds the GIL that request
+        handling and the serving model's passes need (``benchmarks/shadow_bench.py``).
+        """
+        rows, waited = [], 0.0
+        for start in range(0, len(texts), SHADOW_PASS_TEXTS):
+            began = time.perf_counter()
+            while _SERVING.quiet_s() < SHADOW_QUIET_S and not self._closed:
+                time.sleep(SHADOW_QUIET_S / 4)
+            waited += time.perf_counter() - began
+            chunk = texts[start : start + SHADOW_PASS_TEXTS]
+            rows.append(self.model.classifier.predict_proba(chunk, batch_size=len(chunk)))
+        return np.concatenate(rows), waited
+
+    def _run(self) -> None:
+        import json
+
+        import torch
+
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+        torch.set_num_threads(self.options.shadow_threads)
+        labels = self.model.classifier.labels
+        while (batch := self._take()) is not None:
+            started = time.perf_counter()
+            texts = [text for _, _, text in batch]
+            error = None
+            try:
+                if self.options.inject_delay_ms:
+                    time.sleep(self.options.inject_delay_ms / 1000)
+                if self.options.inject_error_rate and random.random() < self.options.inject_error_rate:
+                    raise RuntimeError("injected fault (candidate.inject_error_rate)")
+                probs, waited = self._predict(texts)
+                started += waited  # the shadow's latency is its compute time, not its waits
+                if not np.isfinite(probs).all():
+                    raise ValueError("no valid probabilities (NaN or inf)")
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+            latency_ms = (time.perf_counter() - started) * 1000
+            now = datetime.now(UTC)
+            base = {"model_name": self.model.name, "model_version": self.model.version}
+            records = []
+            for n, (request_id, item, text) in enumerate(batch):
+                record = {**base, "ts": now, "request_id": request_id, "item": item, "text": text}
+                record.update(model_run_id=self.model.run_id, role="shadow", latency_ms=latency_ms)
+                if error is None:
+                    row = probs[n]
+                    best = int(np.argmax(row))
+                    record.update(
+                        label=labels[best],
+                        score=float(row[best]),
+                        scores=json.dumps(
+                            {lb: round(float(x), 6) for lb, x in zip(labels, row, strict=True)}
+                        ),
+                    )
+                else:
+                    record["error"] = error[:500]
+                records.append(record)
+            self.stats["failed" if error else "answered"] += len(batch)
+            with contextlib.suppress(RuntimeError):  # the loop closed: the replica is going away
+                self._loop.call_soon_threadsafe(self._emit, records, latency_ms, len(batch) if error else 0)
 
 
 def _retry_delays(longest_s: float) -> Iterator[float]:
@@ -412,8 +696,45 @@ def _waiting_detail(error: str | None, longest_s: float) -> str:
     return detail
 
 
+class HistoryCache:
+    """The last few serving-history entries per model (``GET /v1/model``), read at most every
+    ``ttl_s`` seconds per model, in a thread, with a fail-fast S3 client: a request waits at most
+    ``wait_s`` on S3, and an S3 failure gives None (logged, and kept for ``ttl_s``), never an error."""
+
+    def __init__(self, entries: int = 5, ttl_s: float = 30.0, wait_s: float = 2.0, store: Any = None) -> None:
+        self.entries, self.ttl_s, self.wait_s = entries, ttl_s, wait_s
+        self._store = store
+        self._cached: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
+
+    def _read(self, model: str) -> list[dict[str, Any]]:
+        from ml.serving_history import read
+        from ml.settings import load_settings
+
+        settings = load_settings()
+        if self._store is None:
+            from ml.prediction_log import fail_fast_store
+            from ml.storage import ObjectStore
+
+            self._store = fail_fast_store(
+                ObjectStore(settings), connect_timeout_s=1.0, read_timeout_s=2.0, retries=0
+            )
+        return read(settings, model, limit=self.entries, store=self._store, newest_first=True)
+
+    async def get(self, model: str) -> list[dict[str, Any]] | None:
+        hit = self._cached.get(model)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        try:
+            entries = await asyncio.wait_for(asyncio.to_thread(self._read, model), self.wait_s)
+        except Exception as err:  # S3 down or slow, an odd model name: /v1/model answers anyway
+            log.warning("serving history of %s unavailable: %s", model, f"{type(err).__name__}: {err}"[:300])
+            entries = None
+        self._cached[model] = (time.monotonic(), entries)
+        return entries
+
+
 @serve.deployment(
-    name="Classifier",
+    name=DEPLOYMENT_NAME,
     max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
     health_check_period_s=10,
     graceful_shutdown_timeout_s=20,
@@ -421,6 +742,18 @@ def _waiting_detail(error: str | None, longest_s: float) -> str:
 @serve.ingress(api)
 class Classifier:
     def __init__(self) -> None:
+        from ml.settings import load_settings
+
+        settings = load_settings()  # the application's runtime_env: CT_DATASET is its dataset
+        self._dataset = settings.dataset
+        self._default_dataset = settings.serve_default_dataset
+        self._registered_model = settings.registered_model
+        self._route_alias = (
+            f"/{settings.dataset}" if settings.dataset == settings.serve_default_dataset else ""
+        )
+        _publish_route_alias(self._route_alias)
+        self._handles: dict[str, Any] = {}  # other applications' deployments (GET /v1/models)
+        self._history = HistoryCache()
         self._model: LoadedModel | None = None
         self._options: ServeOptions | None = None
         self._load_error: str | None = None
@@ -429,6 +762,11 @@ class Classifier:
         self._reload_lock = asyncio.Lock()
         self._waiter: asyncio.Task | None = None  # retries an alias that did not load (nothing loaded yet)
         self._prediction_log = None
+        self._candidate: LoadedModel | None = None  # beside the serving model during a staged rollout
+        self._candidate_error: str | None = None
+        self._candidate_options_loaded: ServeOptions | None = None
+        self._shadow: ShadowMirror | None = None
+        self._candidate_lock = asyncio.Lock()
         self._batch_size = metrics.Histogram(
             "ct_serve_batch_size", description="Texts per forward pass.", boundaries=BATCH_BOUNDARIES
         )
@@ -436,10 +774,27 @@ class Classifier:
             "ct_serve_request_latency_ms",
             description="Inference latency of a request in the replica (batch wait + forward passes).",
             boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=("model_name", "model_version"),
+            tag_keys=("model_name", "model_version", "role"),
         )
         self._texts = metrics.Counter(
-            "ct_serve_texts", description="Texts classified.", tag_keys=("model_name", "model_version")
+            "ct_serve_texts",
+            description="Texts classified (role: champion, canary, or shadow for mirrored copies).",
+            tag_keys=("model_name", "model_version", "role"),
+        )
+        self._requests = metrics.Counter(
+            "ct_serve_requests",
+            description="Requests answered by a model version (role champion or canary), or mirrored "
+            "batches run by a shadow candidate.",
+            tag_keys=("model_name", "model_version", "role"),
+        )
+        self._errors = metrics.Counter(
+            "ct_serve_request_errors",
+            description="Requests (shadow: batches) a model version failed; a failed canary answer is "
+            "retried on the serving model.",
+            tag_keys=("model_name", "model_version", "role"),
+        )
+        self._shadow_dropped = metrics.Counter(
+            "ct_serve_shadow_dropped", description="Mirrored texts dropped: the shadow queue was full."
         )
         self._model_info = metrics.Gauge(
             "ct_serve_model_info",
@@ -465,9 +820,147 @@ class Classifier:
         self._classify.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self._threads = options.torch_threads or _assigned_cpus()
         previous, self._options = self._options, options
-        if self._model is None or previous is None or _model_fields(previous) != _model_fields(options):
+        changed = self._model is None or previous is None or _model_fields(previous) != _model_fields(options)
+        if changed and not self._promote_candidate(options):
             await self._load(options)
         self._configure_prediction_log(options)
+        await self._configure_candidate(options)
+
+    # ---- a candidate beside the serving model (staged rollouts) -------------------------
+
+    def _candidate_model_options(self, options: ServeOptions) -> ServeOptions:
+        candidate = options.candidate
+        assert candidate is not None
+        return options.model_copy(
+            update={
+                "model_name": candidate.model_name or options.model_name,
+                "model_version": candidate.model_version,
+                "model_path": candidate.model_path,
+                "candidate": None,
+            }
+        )
+
+    def _promote_candidate(self, options: ServeOptions) -> bool:
+        """The new serving model is the candidate this replica already runs: swap it in, no load."""
+        candidate = self._candidate
+        if candidate is None or options.model_path or self._model is None:
+            return False
+        name = options.model_name or self._registered_model
+        if (candidate.name, candidate.version) != (name, options.model_version.strip()):
+            return False
+        old, self._model = self._model, candidate
+        self._load_error = self._failed_request = None
+        self._model_info.set(0, tags={"model_name": old.name, "model_version": old.version})
+        self._model_info.set(1, tags={"model_name": candidate.name, "model_version": candidate.version})
+        log.info("candidate %s v%s promoted: it serves every request now", candidate.name, candidate.version)
+        self._drop_candidate()
+        return True
+
+    def _drop_candidate(self) -> None:
+        if self._shadow is not None:
+            self._shadow.close()
+            self._shadow = None
+        self._candidate = None
+
+    async def _configure_candidate(self, options: ServeOptions) -> None:
+        """Load, change or remove the candidate ``options.candidate`` names.
+
+        A candidate that fails to load never touches the serving model: the failure is reported by
+        ``GET /v1/model`` (``candidate.load_error``) and the rollout stops there.
+        """
+        async with self._candidate_lock:
+            wanted = options.candidate
+            if wanted is None:
+                if self._candidate is not None:
+                    log.info("candidate %s v%s removed", self._candidate.name, self._candidate.version)
+                self._drop_candidate()
+                self._candidate_error = None
+                return
+            load_options = self._candidate_model_options(options)
+            current = self._candidate
+            same = (
+                current is not None
+                and self._candidate_options_loaded is not None
+                and _model_fields(self._candidate_options_loaded) == _model_fields(load_options)
+            )
+            if not same:
+                self._drop_candidate()
+                self._candidate_error = None
+                started = time.perf_counter()
+                try:
+                    model = await _in_low_priority_thread(load_model, load_options)
+                except Exception as err:
+                    self._load_failures.inc()
+                    self._candidate_error = f"{load_options.reference()}: {type(err).__name__}: {err}"
+                    log.error(
+                        "candidate %s failed to load: %s", load_options.reference(), self._candidate_error
+                    )
+                    return
+                self._candidate, self._candidate_options_loaded = model, load_options
+                log.info(
+                    "candidate %s v%s loaded in %.1f s (%s)",
+                    model.name,
+                    model.version,
+                    time.perf_counter() - started,
+                    wanted.mode,
+                )
+            if self._shadow is not None and (wanted.mode != "shadow" or self._shadow.options != wanted):
+                self._shadow.close()
+                self._shadow = None
+            if wanted.mode == "shadow" and self._shadow is None and self._candidate is not None:
+                self._shadow = ShadowMirror(
+                    self._candidate,
+                    wanted,
+                    options.max_batch_size,
+                    self._shadow_done,
+                    asyncio.get_running_loop(),
+                )
+
+    def _shadow_done(self, records: list[dict[str, Any]], latency_ms: float, failed: int) -> None:
+        """On the event loop: a shadow batch's rows into the prediction log, its metrics."""
+        if not records:
+            return
+        tags = {
+            "model_name": records[0]["model_name"],
+            "model_version": records[0]["model_version"],
+            "role": "shadow",
+        }
+        self._requests.inc(1, tags=tags)
+        self._request_latency.observe(latency_ms, tags=tags)
+        if failed:
+            self._errors.inc(1, tags=tags)
+        else:
+            self._texts.inc(len(records), tags=tags)
+        if self._prediction_log is not None:
+            try:
+                self._prediction_log.append(records)
+            except Exception:
+                log.exception("prediction log: could not buffer %d shadow rows", len(records))
+
+    def _candidate_info(self) -> CandidateInfo | None:
+        options = self._options.candidate if self._options else None
+        if options is None:
+            return None
+        model = self._candidate
+        shadow = self._shadow
+        return CandidateInfo(
+            name=model.name
+            if model
+            else (
+                options.model_name
+                or (self._options.model_name if self._options else "")
+                or self._registered_model
+            ),
+            version=model.version if model else None,
+            run_id=model.run_id if model else None,
+            requested=options.reference(),
+            mode=options.mode,
+            fraction=options.fraction if options.mode == "canary" else 0.0,
+            client_key_header=options.client_key_header,
+            loaded_at=model.loaded_at if model else None,
+            load_error=self._candidate_error,
+            shadow=dict(shadow.stats) if shadow else None,
+        )
 
     async def _load(self, options: ServeOptions) -> None:
         """Load the model ``options`` names, replacing the one serving (if any) once it loaded.
@@ -549,9 +1042,9 @@ class Classifier:
     def _configure_prediction_log(self, options: ServeOptions) -> None:
         if not options.prediction_log or self._prediction_log is not None:
             return
+        from ml.prediction_log import PredictionLogger
         from ml.settings import load_settings
         from ml.storage import ObjectStore
-        from serve.prediction_log import PredictionLogger
 
         self._prediction_log = PredictionLogger(
             ObjectStore(load_settings()),
@@ -574,6 +1067,7 @@ class Classifier:
 
     async def __del__(self) -> None:
         self._stop_waiting()
+        self._drop_candidate()
         if self._prediction_log is not None:
             await self._prediction_log.close()
 
@@ -617,6 +1111,8 @@ class Classifier:
             requested=options.reference(),
             last_load_error=self._load_error,
             failed_request=self._failed_request,
+            candidate=self._candidate_info(),
+            history=await self._history.get(model.name),
             limits={
                 "max_texts_per_request": options.max_texts_per_request,
                 "max_text_chars": options.max_text_chars,
@@ -626,6 +1122,89 @@ class Classifier:
             },
         )
 
+    def describe(self) -> dict[str, Any]:
+        """What this replica serves: for ``GET /v1/models`` of another application (a handle call)."""
+        model, options = self._model, self._options or ServeOptions()
+        return {
+            "dataset": self._dataset,
+            "registered_model": options.model_name or self._registered_model,
+            "model": ModelRef(name=model.name, version=model.version, run_id=model.run_id).model_dump()
+            if model
+            else None,
+            "route_alias": self._route_alias,
+            "last_load_error": self._load_error,
+            "candidate": info.model_dump(include={"name", "version", "mode", "fraction", "load_error"})
+            if (info := self._candidate_info())
+            else None,
+        }
+
+    @api.get(
+        "/v1/models",
+        summary="Every served model: one Serve application per dataset",
+        response_model=ServedModels,
+        responses={code: ERROR_RESPONSES[code] for code in (401, 503)},
+    )
+    async def models(self, request: Request) -> ServedModels:
+        """Each application of this service (Serve's own list) and what its replicas serve.
+
+        One application that does not answer within a short timeout (or has no replica) is listed
+        with its Serve status and an ``error``; it never fails the listing.
+        """
+        _authorize(request)
+        try:
+            apps = await asyncio.wait_for(asyncio.to_thread(_serve_applications), 4 * MODELS_TIMEOUT_S)
+        except Exception as err:
+            detail = f"Serve's list of applications is unavailable: {type(err).__name__}: {err}"
+            raise InputError(503, detail) from err
+        ours = {name: app for name, app in apps.items() if DEPLOYMENT_NAME in app["deployments"]}
+        own = _current_app_name()
+        entries = await asyncio.gather(*(self._served_model(n, app, n == own) for n, app in ours.items()))
+        entries.sort(key=lambda e: (not e.default, e.route_prefix))
+        return ServedModels(default_dataset=self._default_dataset, models=entries)
+
+    async def _served_model(self, name: str, app: dict[str, Any], own: bool) -> ServedModel:
+        info: dict[str, Any] = {}
+        error = None
+        try:
+            info = self.describe() if own else await asyncio.wait_for(self._describe(name), MODELS_TIMEOUT_S)
+        except TimeoutError:
+            error = f"no answer from the application within {MODELS_TIMEOUT_S:g} s"
+        except Exception as err:
+            error = f"{type(err).__name__}: {quote(str(err), 200)}"
+        dataset = info.get("dataset") or app["dataset"]
+        model = info.get("model") or {}
+        route = app["route_prefix"]
+        alias = info.get("route_alias") or ""
+        return ServedModel(
+            app=name,
+            dataset=dataset,
+            registered_model=model.get("name") or info.get("registered_model"),
+            version=model.get("version"),
+            run_id=model.get("run_id"),
+            route_prefix=route,
+            routes=[route, alias] if alias and route == "/" else [route],
+            default=bool(dataset) and dataset == self._default_dataset,
+            status=app["status"],
+            message=app["message"],
+            last_load_error=info.get("last_load_error"),
+            candidate=info.get("candidate"),
+            error=error,
+        )
+
+    async def _describe(self, app_name: str) -> dict[str, Any]:
+        handle = self._handles.get(app_name)
+        if handle is None:
+            handle = serve.get_deployment_handle(
+                DEPLOYMENT_NAME, app_name=app_name, _check_exists=False, _record_telemetry=False
+            )
+            self._handles[app_name] = handle
+        response = handle.describe.remote()
+        try:
+            return await response
+        except asyncio.CancelledError:  # timed out: do not leave the call queued at that application
+            response.cancel()
+            raise
+
     @api.post(
         "/v1/predict",
         summary="Classify texts",
@@ -633,7 +1212,7 @@ class Classifier:
         response_model_exclude_none=True,
         responses={code: ERROR_RESPONSES[code] for code in (400, 401, 413, 415, 422, 503)},
     )
-    async def predict(self, request: Request) -> PredictResponse:
+    async def predict(self, request: Request, response: Response) -> PredictResponse:
         """Body: ``{"texts": [...]}`` or ``{"text": "..."}`` (the schema below has the limits)."""
         _authorize(request)  # first: an unauthenticated body is never read
         options = self._options or ServeOptions()
@@ -645,8 +1224,75 @@ class Classifier:
         else:
             body = parse_predict_body(raw, *limits)
         texts = body.texts
-        model = self._require_model()  # one model for the whole request, even during a swap
+        champion = self._require_model()  # one model for the whole request, even during a swap
+        model, role = self._route(request, request_id, options)
+        rows, latency_ms = None, 0.0
+        if role == "canary":
+            started = time.perf_counter()
+            try:
+                rows, latency_ms = await self._answer(model, texts, options.candidate)
+            except Exception as err:  # the client must not pay for the candidate: the champion answers
+                detail = err.message if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                latency_ms = (time.perf_counter() - started) * 1000
+                self._failed(request_id, model, texts, detail, role, latency_ms)
+                model, role, rows = champion, "champion", None
+        if rows is None:
+            try:
+                rows, latency_ms = await self._answer(model, texts)
+            except InputError as err:
+                self._failed(request_id, model, texts, err.message, role, None)
+                raise
+        tags = {"model_name": model.name, "model_version": model.version, "role": role}
+        self._request_latency.observe(latency_ms, tags=tags)
+        self._texts.inc(len(texts), tags=tags)
+        self._requests.inc(1, tags=tags)
+        all_scores = body.return_all_scores or options.return_all_scores
+        predictions = _predictions(model.classifier.labels, rows, all_scores)
+        self._capture(request_id, model, texts, predictions, rows, role, latency_ms)
+        if (
+            self._shadow is not None
+            and role == "champion"
+            and not request_id.startswith(PIPELINE_REQUEST_PREFIX)
+        ) and not self._shadow.offer(request_id, texts):
+            self._shadow_dropped.inc(len(texts))
+        response.headers["X-Model-Name"] = model.name
+        response.headers["X-Model-Version"] = model.version
+        response.headers["X-Model-Role"] = role
+        return PredictResponse(
+            model=ModelRef(name=model.name, version=model.version, run_id=model.run_id),
+            role=role,
+            request_id=request_id,
+            predictions=predictions,
+        )
+
+    def _route(self, request: Request, request_id: str, options: ServeOptions) -> tuple[LoadedModel, str]:
+        """Which model answers: the canary for its share of client keys, else the serving model."""
+        candidate, wanted = self._candidate, options.candidate
+        if (
+            candidate is not None
+            and wanted is not None
+            and wanted.mode == "canary"
+            and wanted.fraction > 0
+            and not request_id.startswith(PIPELINE_REQUEST_PREFIX)  # smoke tests check the champion
+        ):
+            key = request.headers.get(wanted.client_key_header) or request_id
+            if _canary_share(key, candidate.version) < wanted.fraction:
+                return candidate, "canary"
+        return self._require_model(), "champion"
+
+    async def _answer(
+        self, model: LoadedModel, texts: list[str], fault: CandidateOptions | None = None
+    ) -> tuple[list[np.ndarray], float]:
+        """Probabilities of ``texts`` from ``model`` (batched with other requests) and the time it
+        took in ms; :class:`InputError` 500 naming the text that failed or the invalid output.
+        ``fault``: a candidate's injected delay and errors (rollout drills)."""
         started = time.perf_counter()
+        if fault is not None and fault.inject_delay_ms:
+            await asyncio.sleep(fault.inject_delay_ms / 1000)
+        if fault is not None and fault.inject_error_rate and random.random() < fault.inject_error_rate:
+            raise InputError(
+                500, f"model {model.name} v{model.version}: injected fault (candidate.inject_error_rate)"
+            )
         rows = await asyncio.gather(*(self._classify((text, model)) for text in texts))
         failed = [(i, row.error) for i, row in enumerate(rows) if isinstance(row, _ItemFailed)]
         if failed:
@@ -661,29 +1307,33 @@ class Classifier:
                 f"model {model.name} v{model.version} gave no valid probabilities (NaN or inf) "
                 f"for {len(invalid)} of {len(texts)} texts",
             )
-        tags = {"model_name": model.name, "model_version": model.version}
-        self._request_latency.observe((time.perf_counter() - started) * 1000, tags=tags)
-        self._texts.inc(len(texts), tags=tags)
-        labels = model.classifier.labels
-        all_scores = body.return_all_scores or options.return_all_scores
-        predictions = []
-        for probs in rows:
-            best = int(np.argmax(probs))
-            predictions.append(
-                Prediction(
-                    label=labels[best],
-                    score=float(probs[best]),
-                    scores={label: float(p) for label, p in zip(labels, probs, strict=True)}
-                    if all_scores
-                    else None,
-                )
+        return rows, (time.perf_counter() - started) * 1000
+
+    def _failed(
+        self,
+        request_id: str,
+        model: LoadedModel,
+        texts: list[str],
+        error: str,
+        role: str,
+        latency_ms: float | None,
+    ) -> None:
+        """A model failed a request: counted, and logged (rows with ``error``) for the rollout's checks."""
+        self._errors.inc(1, tags={"model_name": model.name, "model_version": model.version, "role": role})
+        if role == "canary":
+            log.warning(
+                "canary %s v%s failed request %s; the champion answers it: %s",
+                model.name,
+                model.version,
+                request_id,
+                error,
             )
-        self._capture(request_id, model, texts, predictions, rows)
-        return PredictResponse(
-            model=ModelRef(name=model.name, version=model.version, run_id=model.run_id),
-            request_id=request_id,
-            predictions=predictions,
-        )
+        if self._prediction_log is None:
+            return
+        try:
+            self._prediction_log.append(_error_records(request_id, model, texts, error, role, latency_ms))
+        except Exception:
+            log.exception("prediction log: could not buffer the failure of request %s", request_id)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _classify(self, items: list[tuple[str, LoadedModel]]) -> list[np.ndarray | _ItemFailed]:
@@ -743,11 +1393,15 @@ class Classifier:
         texts: list[str],
         predictions: list[Prediction],
         rows: list[np.ndarray],
+        role: str = "champion",
+        latency_ms: float | None = None,
     ) -> None:
         if self._prediction_log is None:
             return
         try:
-            self._prediction_log.append(_log_records(request_id, model, texts, predictions, rows))
+            self._prediction_log.append(
+                _log_records(request_id, model, texts, predictions, rows, role, latency_ms)
+            )
         except Exception:  # the client has its answer; a capture problem must not turn it into a 500
             log.exception("prediction log: could not buffer %d rows of request %s", len(texts), request_id)
             self._log_dropped.inc(len(texts))

@@ -30,6 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml.serve_options import ServeOptions  # noqa: F401  (re-exported: the user_config schema, shared with ml.rollout)
+
 MAX_PROBLEMS = 10  # problems listed in one error response; the rest are counted
 MAX_PROBLEM_CHARS = 240  # one problem's message
 QUOTE_CHARS = 40  # characters of client input quoted back in a message
@@ -84,9 +86,31 @@ class ModelRef(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    model: ModelRef
+    model: ModelRef = Field(description="The model that answered (also the X-Model-Version header).")
+    role: str = Field(
+        "champion",
+        description="`champion`, or `canary` when a candidate under a canary rollout answered (sticky per "
+        "X-Client-Key header, else per request id).",
+    )
     request_id: str
     predictions: list[Prediction]
+
+
+class CandidateInfo(BaseModel):
+    """A candidate beside the serving model during a staged rollout (shadow or canary)."""
+
+    name: str
+    version: str | None = Field(None, description="Null while it loads or when it failed to load.")
+    run_id: str | None = None
+    requested: str = Field(description="name@version in user_config.candidate.")
+    mode: str = Field(description="`shadow` (mirrored copies, answers logged only) or `canary`.")
+    fraction: float = Field(description="canary: share of client keys it answers.")
+    client_key_header: str
+    loaded_at: str | None = None
+    load_error: str | None = Field(None, description="Why it failed to load; the serving model is untouched.")
+    shadow: dict[str, int] | None = Field(
+        None, description="shadow: texts mirrored, answered, failed and dropped (queue full) by this replica."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -115,6 +139,54 @@ class ModelInfo(BaseModel):
         None, description="The reference (name@version) whose load failed, if the last load failed."
     )
     limits: dict[str, Any]
+    candidate: CandidateInfo | None = Field(None, description="A candidate in shadow or canary, if any.")
+    history: list[dict[str, Any]] | None = Field(
+        None,
+        description="The model's last serving-history entries, newest first (ml/serving_history.py: "
+        "action, from_version, to_version, result, at, actor, reason, seconds, detail); null when "
+        "the history could not be read just now.",
+    )
+
+
+class ServedModel(BaseModel):
+    """One Serve application of this service (one per dataset) and the model it serves."""
+
+    app: str = Field(
+        description="The Serve application: 'classifier' for the default dataset, else the dataset."
+    )
+    dataset: str | None = Field(None, description="The dataset whose model it serves.")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model (`<dataset>-classifier`)."
+    )
+    version: str | None = Field(None, description="The version served; null while none is loaded.")
+    run_id: str | None = Field(None, description="MLflow run that trained the served version.")
+    route_prefix: str = Field(description="Serve's route prefix: `POST <route_prefix>/v1/predict`.")
+    routes: list[str] = Field(
+        description="Every prefix it answers under: the default application also answers under /<dataset>."
+    )
+    default: bool = Field(description="The deployment's default dataset (application 'classifier', route /).")
+    status: str = Field(
+        description="Serve's application status: RUNNING, DEPLOYING, UNHEALTHY, DEPLOY_FAILED ..."
+    )
+    message: str | None = Field(None, description="Serve's message for that status, if any.")
+    last_load_error: str | None = Field(
+        None, description="Why its last requested model failed to load (the previous one kept serving)."
+    )
+    candidate: dict[str, Any] | None = Field(
+        None, description="A candidate in a staged rollout: name, version, mode (shadow/canary), fraction."
+    )
+    error: str | None = Field(
+        None,
+        description="Why the application could not say what it serves (no answer within the timeout, no "
+        "replica, ...); the other applications are listed regardless.",
+    )
+
+
+class ServedModels(BaseModel):
+    """``GET /v1/models``: every application of this service, from Serve's own state."""
+
+    default_dataset: str = Field(description="The dataset served at route / (CT_SERVE_DEFAULT_DATASET).")
+    models: list[ServedModel]
 
 
 class InputError(Exception):
@@ -296,49 +368,3 @@ def predict_request_schema(max_texts: int, max_chars: int) -> dict[str, Any]:
         "oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
         "examples": PredictRequest.model_config["json_schema_extra"]["examples"],
     }
-
-
-class ServeOptions(BaseModel):
-    """The deployment's ``user_config``: which model, batching, limits, device, data capture.
-
-    Changing it redeploys in place: each replica loads the new model beside the old one and swaps
-    only when it loaded; a model that fails to load leaves the old one serving.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model_name: str = Field("", description="Registered model; empty = CT_REGISTERED_MODEL's default.")
-    model_version: str = Field("champion", description="A version number or an alias (resolved at load).")
-    model_path: str = Field("", description="Load an export directory instead of the registry (benchmarks).")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Texts per forward pass (@serve.batch).")
-    batch_wait_timeout_s: float = Field(0.1, ge=0, le=10, description="How long a batch waits to fill.")
-    max_texts_per_request: int = Field(64, ge=1, le=10_000)
-    max_text_chars: int = Field(10_000, ge=1, description="Longer texts are rejected with a 422.")
-    return_all_scores: bool = Field(False, description="Default for requests that do not say.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; empty = a GPU if there is one.")
-    dtype: str | None = Field(
-        None, description="float32 / float16 / bfloat16; empty = fp16 on GPU, fp32 on CPU."
-    )
-    torch_threads: int = Field(0, ge=0, description="CPU threads for inference; 0 = the replica's CPUs.")
-    prediction_log: bool = Field(True, description="Append every prediction to s3://<bucket>/predictions/.")
-    prediction_log_flush_s: float = Field(5.0, gt=0, description="Data capture flush interval.")
-    prediction_log_max_rows: int = Field(10_000, ge=1, description="Data capture buffer bound (then drop).")
-    model_retry_s: float = Field(
-        30.0,
-        gt=0,
-        le=3600,
-        description="A replica with no model yet, asked for an alias (champion) that does not load: "
-        "longest wait between its retries (it starts at 1 s and doubles).",
-    )
-
-    def reference(self) -> str:
-        return self.model_path or f"{self.model_name or '<default>'}@{self.model_version}"
-
-    def waits_for_alias(self) -> bool:
-        """The model is named by a registry alias (``champion``), not a version number or a path.
-
-        An alias may not point anywhere yet (no model promoted so far) and may point somewhere
-        later, so a replica with nothing loaded keeps retrying it instead of failing. A version
-        number (what the DAG's deploy task sends) exists or not: a failed load fails the replica.
-        """
-        return not self.model_path and not self.model_version.strip().isdigit()

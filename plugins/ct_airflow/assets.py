@@ -1,10 +1,15 @@
 """The Airflow Asset for newly landed labelled data.
 
-``raw_data_watch`` emits an event on it when unconsumed batches appear under ``raw/<dataset>/``
-(event ``extra``: dataset, batch ids, object count); ``continuous_training`` is scheduled on it
-(``AssetOrTimeSchedule``: daily *or* on new data). Producers that know when they finish an upload
-can also emit the event themselves through the REST API (``POST /api/v2/assets/events``, see
-docs/pipeline.md), which starts training without waiting for the next poll.
+``continuous_training`` is scheduled on it (``AssetOrTimeSchedule``: daily *or* on new data).
+Producers that know when they finish an upload emit an event on it through the REST API
+(``POST /api/v2/assets/events`` with ``extra: {"dataset": ...}``, see docs/pipeline.md), which
+starts training without waiting for the next poll of ``raw_data_watch``.
+
+``raw_data_watch`` itself does not emit events: Airflow merges the asset events that arrive
+together, or while a run is active, into one run, and a run trains one dataset. It triggers one
+``continuous_training`` run per dataset with new data instead (conf ``dataset``), which are never
+merged. A run that several datasets' events started trains the newest one's
+(:func:`dataset_from_events`); the watch starts a run for each other dataset still waiting.
 """
 
 from __future__ import annotations

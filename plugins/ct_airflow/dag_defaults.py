@@ -57,3 +57,22 @@ def env_flag(name: str, default: bool) -> bool:
     if value in {"0", "false", "no"}:
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def env_float(name: str, default: float) -> float:
+    """A number DAG default from the environment, or a clear error."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` from the environment, or a clear error."""
+    value = os.environ.get(name, "").strip() or default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -57,7 +57,27 @@ STAGE_HINTS: dict[str, tuple[str, str]] = {
         "the previous model was put back; compare the served and offline predictions in the log - a "
         "difference usually means a preprocessing or dtype mismatch between serving and evaluation",
     ),
-    # drift_monitor
+    "start_shadow": (
+        "starting the shadow stage (candidate beside the champion)",
+        "the candidate did not load in the Serve replicas and was removed; the champion serves on. See the "
+        "error (Ray dashboard -> Serve -> replica logs) and the Serving history",
+    ),
+    "shadow_check": (
+        "shadow check on live traffic",
+        "the candidate answered mirrored live traffic too differently from the champion (numbers above, "
+        "Rollout report link) and was removed; the champion serves on untouched. Look at the report's "
+        "disagreements and label distribution; retrain, or promote by hand (serving_control) if you disagree",
+    ),
+    "canary": (
+        "canary on live traffic",
+        "the canary's live error rate or latency was out of bounds (numbers above, Rollout report link); it "
+        "was rolled back to 0 % and the champion answers every request. Check the candidate's replica logs",
+    ),
+    # drift_monitor (check, decide, trigger_training, record_trigger: one mapped instance per model)
+    "list_models": (
+        "listing the models that served the window",
+        "check S3 (connection ct_minio / CT_S3_*): the prediction log is under predictions/dt=…/hour=…/",
+    ),
     "check": (
         "drift check (Evidently)",
         "check S3 (prediction log under predictions/) and MLflow; a model version without a snapshot_id tag "
@@ -76,16 +96,40 @@ STAGE_HINTS: dict[str, tuple[str, str]] = {
         "the training run WAS triggered, but its cooldown stamp could not be written to S3: check S3; until "
         "it is written a later drift verdict may trigger again",
     ),
-    # raw_data_watch
+    # serving_control
+    "plan": (
+        "checking the serving-control request",
+        "nothing was changed: fix the form (a reason, a version number for pin) or, for rollback, pin a "
+        "version when the serving history records none before the current one",
+    ),
+    "apply": (
+        "serving-control deploy",
+        "the previous version was put back and still serves (see the message and the Serving history "
+        "link); fix the version or the Serve config and trigger again - this task never retries",
+    ),
+    # raw_data_watch (detect, trigger_training, record_announcement: one mapped instance per dataset)
+    "list_datasets": (
+        "listing the datasets under raw/",
+        "check the S3 endpoint and credentials (connection ct_minio / CT_S3_*) and the datasets param",
+    ),
     "detect": (
         "new raw data detection",
         "check the S3 endpoint and credentials (connection ct_minio / CT_S3_*)",
+    ),
+    "record_announcement": (
+        "recording the announcement",
+        "the training run WAS triggered, but s3://<bucket>/reports/raw_watch/<dataset>.json could not be "
+        "written: check S3; until it is written the next poll triggers another run for the same data "
+        "(which skips at extract once the first one consumed it)",
     ),
 }
 
 
 def failure_message(task_id: str, error: BaseException | str | None) -> str:
-    stage, hint = STAGE_HINTS.get(task_id, (task_id, "see the error above"))
+    """``task_id`` may be a task group's (``per_model.check``): the task's own id names the stage."""
+    stage, hint = STAGE_HINTS.get(task_id) or STAGE_HINTS.get(
+        task_id.rsplit(".", 1)[-1], (task_id, "see the error above")
+    )
     return f"stage '{task_id}' ({stage}) failed: {error or 'see the log above'}\n  what to do: {hint}"
 
 

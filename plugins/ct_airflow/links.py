@@ -82,6 +82,16 @@ class ServedModelLink(_PublishedLink):
     field = "serve"
 
 
+class ServingHistoryLink(_PublishedLink):
+    name = "Serving history"
+    field = "serving_history"
+
+
+class RolloutReportLink(_PublishedLink):
+    name = "Rollout report"
+    field = "rollout_report"
+
+
 def publish_links(context: Any, **links: str | None) -> None:
     """Add ``links`` (field=url) to this task instance's ``ct_links`` and log each one."""
     ti = context["ti"]

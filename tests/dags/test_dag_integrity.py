@@ -98,6 +98,11 @@ NO_RETRY = {
     # after a failed smoke test the old version is back; a retry would test the old version
     # against the new one's offline predictions and roll back again
     "continuous_training.smoke_test",
+    # a staged rollout's live checks: a failed one removed the candidate; a retry would judge nothing
+    "continuous_training.shadow_check",
+    "continuous_training.canary",
+    # a retried rollback would roll back once more, to the version before the previous one
+    "serving_control.apply",
 }
 
 
@@ -120,7 +125,9 @@ def test_every_task_explains_its_failures(dagbag):
     for dag_id, dag in dagbag.dags.items():
         for task in dag.tasks:
             assert explain_failure in (task.on_failure_callback or []), f"{dag_id}.{task.task_id}"
-            assert task.task_id in STAGE_HINTS, f"{dag_id}.{task.task_id}: no stage hint"
+            # a task in a (mapped) task group: its own id names the stage
+            own_id = task.task_id.rsplit(".", 1)[-1]
+            assert own_id in STAGE_HINTS, f"{dag_id}.{task.task_id}: no stage hint"
 
 
 def test_continuous_training_shape(dagbag):
@@ -133,16 +140,59 @@ def test_continuous_training_shape(dagbag):
     assert dag.schedule.timetable.expression == "0 0 * * *"
     assert [a.name for a in dag.schedule.asset_condition.objects] == ["ct_raw_data"]
     assert dag.get_task("validate").upstream_task_ids == {"extract"}
-    # serving changes only after a registered, gated model: register -> deploy -> smoke_test
-    assert dag.get_task("deploy").upstream_task_ids == {"register"}
-    assert dag.get_task("smoke_test").upstream_task_ids == {"deploy", "training_summary"}
+    # serving changes only after a registered, gated model: register -> [shadow -> canary] -> deploy
+    # -> smoke_test; deploy also runs when the live stages were skipped (direct rollout), never when
+    # one failed
+    assert dag.get_task("start_shadow").upstream_task_ids == {"register"}
+    assert dag.get_task("shadow_check").upstream_task_ids == {"start_shadow"}
+    assert dag.get_task("canary").upstream_task_ids == {"shadow_check"}
+    assert dag.get_task("deploy").upstream_task_ids == {"register", "canary"}
+    assert dag.get_task("deploy").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("smoke_test").upstream_task_ids == {"deploy", "training_summary", "register"}
     assert not dag.get_task("smoke_test").downstream_task_ids
+    params = dag.params.dump()
+    assert params["rollout"] == "shadow+canary"
+    from ml.staged_rollout import ROLLOUTS
+
+    assert dag.params.get_param("rollout").schema["enum"] == list(ROLLOUTS)
 
 
-def test_raw_data_watch_produces_the_asset_continuous_training_consumes(dagbag):
+def _mapped_group(task):
+    """The mapped task group ``task`` is expanded in, or None."""
+    return task.get_closest_mapped_task_group()
+
+
+def test_raw_data_watch_maps_one_announcement_per_dataset(dagbag):
     watch = dagbag.dags["raw_data_watch"]
-    assert [o.name for o in watch.get_task("detect").outlets] == ["ct_raw_data"]
     assert watch.max_active_runs == 1
+    assert watch.get_task("list_datasets").upstream_task_ids == set()
+    per_dataset = ["per_dataset.detect", "per_dataset.trigger_training", "per_dataset.record_announcement"]
+    groups = {getattr(_mapped_group(watch.get_task(task_id)), "group_id", None) for task_id in per_dataset}
+    assert groups == {"per_dataset"}, "detect/trigger/record must be mapped together"
+    group = _mapped_group(watch.get_task("per_dataset.detect"))
+    # expanded over what list_datasets returns, one map index per dataset
+    assert [op.task_id for op in group.iter_mapped_dependencies()] == ["list_datasets"]
+    assert watch.get_task("per_dataset.detect").upstream_task_ids == {"list_datasets"}
+    trigger = watch.get_task("per_dataset.trigger_training")
+    assert trigger.trigger_dag_id == "continuous_training"
+    assert trigger.upstream_task_ids == {"per_dataset.detect"}
+    assert watch.get_task("per_dataset.record_announcement").upstream_task_ids == {
+        "per_dataset.detect",
+        "per_dataset.trigger_training",
+    }
+    # one triggered run per dataset, never an asset event: Airflow would merge events of several
+    # datasets into one continuous_training run, which trains one dataset
+    assert all(not task.outlets for task in watch.tasks)
+    assert "ct_raw_data" in dagbag.dags["continuous_training"].schedule.asset_condition.objects[0].name
+    schema = watch.params.get_param("datasets").schema
+    assert schema["type"] == ["null", "array"] and schema["items"] == {"type": "string"}
+    assert schema.get("title") == "Datasets"
+    # empty = every dataset under raw/ (CT_RAW_WATCH_DATASETS is not set here)
+    assert watch.params["datasets"] is None
+    doc = watch.doc_md
+    phrases = ("per_dataset.detect", "list_datasets", "max_active_runs=1", "merges asset events", "datasets")
+    for phrase in phrases:
+        assert phrase in doc, phrase
 
 
 def test_trigger_form_has_the_documented_params(dagbag):
@@ -174,7 +224,7 @@ def test_tasks_link_to_what_they_produced(dagbag):
     assert "MLflow run" in links("continuous_training", "training_summary")
     assert {"MLflow run", "MLflow model version"} <= links("continuous_training", "register")
     assert "Ray job" in links("continuous_training", "train")
-    assert {"Evidently report", "MLflow run"} <= links("drift_monitor", "check")
+    assert {"Evidently report", "MLflow run"} <= links("drift_monitor", "per_model.check")
 
 
 def test_drift_monitor_shape(dagbag):
@@ -183,6 +233,24 @@ def test_drift_monitor_shape(dagbag):
     assert dag.timetable.expression == "0 * * * *"
     # the first scheduled run is the next full hour, not an immediate one when unpaused
     assert dag.start_date is None
-    assert dag.get_task("decide").upstream_task_ids == {"check"}
-    assert dag.get_task("trigger_training").trigger_dag_id == "continuous_training"
-    assert dag.get_task("record_trigger").upstream_task_ids == {"decide", "trigger_training"}
+    assert dag.get_task("list_models").upstream_task_ids == set()
+    # check -> decide -> trigger_training -> record_trigger, mapped together: one instance per model
+    per_model = [f"per_model.{t}" for t in ("check", "decide", "trigger_training", "record_trigger")]
+    groups = {getattr(_mapped_group(dag.get_task(task_id)), "group_id", None) for task_id in per_model}
+    assert groups == {"per_model"}, groups
+    group = _mapped_group(dag.get_task("per_model.check"))
+    assert [op.task_id for op in group.iter_mapped_dependencies()] == ["list_models"]
+    assert dag.get_task("per_model.check").upstream_task_ids == {"list_models"}
+    assert dag.get_task("per_model.decide").upstream_task_ids == {"per_model.check"}
+    assert dag.get_task("per_model.trigger_training").trigger_dag_id == "continuous_training"
+    assert dag.get_task("per_model.record_trigger").upstream_task_ids == {
+        "per_model.decide",
+        "per_model.trigger_training",
+    }
+    # the UI names each mapped instance after its model
+    for task_id in per_model:
+        assert "model" in (dag.get_task(task_id).map_index_template or ""), task_id
+    doc = dag.doc_md
+    phrases = ("list_models", "per_model.check", "every model", "version that served them", "own cooldown")
+    for phrase in phrases:
+        assert phrase.lower() in doc.lower(), phrase

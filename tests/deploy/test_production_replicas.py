@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from ml.rollout import ServeDeployer
 from ml.settings import Settings
-from serve.deploy import ServeDeployer
 from tests.deploy.test_docker import compose
 from tests.deploy.test_k8s_manifests import one, ray_cluster_spec, render_module, serve_config_yaml
 

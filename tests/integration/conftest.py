@@ -22,6 +22,13 @@ import stack
 # What `eval "$(scripts/stack.py env)"` gives a user's shell: Ray's token auth, MLflow's S3
 # settings. Ray reads RAY_AUTH_MODE once per process, so it must be set before ray is imported.
 os.environ.update(stack.service_env())
+# Scheduled drift checks and raw-data polls act on every model and dataset the stack holds, and
+# other tests leave theirs behind: a scheduled run mid-session would start training runs that
+# queue in front of a test's own. Tests trigger these DAGs by hand, so the Airflow this session
+# starts schedules them once a year (a developer's running stack keeps its own schedules). Only
+# the started services see this: the DAG-integrity tests in the same pytest process check the
+# real defaults.
+TEST_SCHEDULES = {"CT_DRIFT_SCHEDULE": "0 0 1 1 *", "CT_RAW_WATCH_SCHEDULE": "0 0 1 1 *"}
 
 
 class StackManager:
@@ -31,7 +38,14 @@ class StackManager:
     def require(self, *services: str) -> None:
         missing = [s for s in services if s not in self.started]
         if missing:
-            self.started += stack.up(missing)
+            saved = {key: os.environ.get(key) for key in TEST_SCHEDULES}
+            os.environ.update({k: v for k, v in TEST_SCHEDULES.items() if saved[k] is None})
+            try:
+                self.started += stack.up(missing)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
 
     def stop(self) -> None:
         if self.started:

@@ -16,7 +16,7 @@ import pytest
 
 from ml.data import split_key
 from ml.monitor import DRIFT_EXPERIMENT, check_window
-from serve.prediction_log import PredictionLogger
+from ml.prediction_log import PredictionLogger
 from tests.conftest import NEWSGROUPS
 from tests.model_factory import build_export, register_export
 

@@ -42,7 +42,7 @@ def serving(local_stack, tmp_path_factory):
     """The stack, with the classifier deployed from serve/config.yaml (the Serve proxy and a
     replica are listeners too); Serve is left as it was found."""
     local_stack.require("s3", "mlflow", "ray", "airflow")
-    from serve.deploy import ServeDeployer
+    from ml.rollout import ServeDeployer
     from tests.integration.conftest import restore_serve
     from tests.model_factory import build_export, register_export
 

@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from ml.registry import CHAMPION
+from ml.rollout import ServeDeployer
 from ml.settings import Settings
 from ml.storage import ObjectStore
-from serve.deploy import ServeDeployer
 from tests.integration.conftest import restore_serve, stack
 from tests.model_factory import LABELS, build_export, register_export
 
@@ -80,7 +80,7 @@ def test_objects_models_and_serving_survive_a_restart(local_stack, tmp_path, agn
         result = deployer.deploy(version)
         assert result["version"] == version
         texts = agnews["text"].head(4).tolist()
-        resp = requests.post(f"{settings.serve_url}/v1/predict", json={"texts": texts}, timeout=60)
+        resp = requests.post(f"{deployer.serve_url}/v1/predict", json={"texts": texts}, timeout=60)
         assert resp.status_code == 200, resp.text[:500]
         answer = resp.json()
         assert answer["model"]["name"] == settings.registered_model and answer["model"]["version"] == version

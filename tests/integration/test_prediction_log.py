@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from ml.prediction_log import PredictionLogger, read_predictions
 from ml.settings import Settings
 from ml.storage import ObjectStore
-from serve.prediction_log import PredictionLogger, read_predictions
 
 pytestmark = pytest.mark.integration
 

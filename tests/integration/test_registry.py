@@ -69,6 +69,7 @@ def test_evaluate_register_promote(mlflow_stack, agnews, tmp_path):
         "version": "1",
         "run_id": run_1,  # the deploy's identity check: a version number alone can be reused
         "promoted": True,
+        "champion_moved": True,  # move_champion (a direct rollout); staged: after the live stages
         "forced": False,
         "champion_version": "1",
         "reason": evaluation_1["gate"]["reason"],

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from ml.rollout import ServeDeployer
 from ml.settings import Settings
-from serve.deploy import ServeDeployer
 from tests.integration.test_serving import SERVE, Traffic
 from tests.model_factory import build_export
 

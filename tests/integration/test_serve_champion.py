@@ -21,8 +21,8 @@ import pytest
 import requests
 import yaml
 
+from ml.rollout import CONFIG_FILE, ServeDeployer
 from ml.settings import Settings
-from serve.deploy import CONFIG_FILE, ServeDeployer
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import restore_serve
 from tests.model_factory import build_export, register_export

@@ -18,8 +18,8 @@ from collections import Counter
 import pytest
 import requests
 
+from ml.rollout import ServeDeployer
 from ml.settings import Settings
-from serve.deploy import ServeDeployer
 from tests.integration.conftest import restore_serve
 from tests.model_factory import build_export, register_export
 

@@ -1,7 +1,7 @@
 """The Ray Serve application on the real local stack: HTTP contract, one client's poisoned text
 failing no other request, zero-downtime redeploy, a broken model that must not replace a working
 one (also under another model's name with the same version number), rollback after a failed smoke
-test (in the DAG's way and from ``python -m serve.deploy``), and prediction logging to S3.
+test (in the DAG's way and from ``python -m ml.rollout``), and prediction logging to S3.
 
 Models are real exports of the base model (random seeded heads) registered in the real MLflow
 server; traffic is real HTTP to 127.0.0.1, bounded in count and time.
@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from ml.rollout import DeployError, ServeDeployer
 from ml.settings import Settings
 from ml.storage import ObjectStore
-from serve.deploy import DeployError, ServeDeployer
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import restore_serve
 from tests.model_factory import build_export, corrupt_export, nan_head, register_export, rotate_head
@@ -39,7 +39,11 @@ class Traffic:
     workers: int = 2
     max_requests: int = 3000
     max_seconds: float = 240.0
+    url: str = (
+        f"{SERVE}/v1/predict"  # another model's route: f"{ServeDeployer(settings).serve_url}/v1/predict"
+    )
     results: list[tuple[float, float, int, str | None]] = field(default_factory=list)  # sent, done, status, v
+    pause_s: float = 0.0  # between a worker's requests (0: closed loop)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -57,9 +61,7 @@ class Traffic:
         ):
             sent = time.monotonic()
             try:
-                resp = session.post(
-                    f"{SERVE}/v1/predict", json={"text": self.texts[i % len(self.texts)]}, timeout=60
-                )
+                resp = session.post(self.url, json={"text": self.texts[i % len(self.texts)]}, timeout=60)
                 version = resp.json()["model"]["version"] if resp.status_code == 200 else None
                 status = resp.status_code
             except (requests.RequestException, ValueError, KeyError):
@@ -67,6 +69,8 @@ class Traffic:
             with self._lock:
                 self.results.append((sent, time.monotonic(), status, version))
             i += self.workers
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Traffic:
         for t in self._threads:
@@ -321,8 +325,8 @@ def test_same_version_number_of_another_model_is_not_the_served_model(models, de
 
 
 def test_cli_rolls_back_a_model_that_fails_its_smoke_test(models, deployer, capsys):
-    """``python -m serve.deploy`` ends a deploy like the DAG does: smoke test, rollback on failure."""
-    from serve.deploy import main
+    """``python -m ml.rollout`` ends a deploy like the DAG does: smoke test, rollback on failure."""
+    from ml.rollout import main
 
     settings, versions, _ = models
     nan_name, nan_version = versions["nan"]
@@ -337,7 +341,7 @@ def test_cli_rolls_back_a_model_that_fails_its_smoke_test(models, deployer, caps
 
 
 def test_served_predictions_are_logged_to_s3(models, deployer):
-    from serve.prediction_log import read_predictions
+    from ml.prediction_log import read_predictions
 
     settings, versions, _ = models
     _serve(deployer, versions["rotated"])

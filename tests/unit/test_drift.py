@@ -192,7 +192,7 @@ def test_thresholds_reject_values_that_cannot_work(field, value, message):
 
 def test_the_pipelines_own_requests_are_not_traffic():
     from ml.monitor import production_rows
-    from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+    from ml.prediction_log import PIPELINE_REQUEST_PREFIX
 
     window = pd.DataFrame(
         {"request_id": ["a1", f"{PIPELINE_REQUEST_PREFIX}x", "b2"], "text": ["u", "smoke", "v"]}

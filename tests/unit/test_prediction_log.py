@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ml.prediction_log import SCHEMA, PredictionLogger, fail_fast_store, read_predictions
 from ml.settings import Settings
 from ml.storage import ObjectInfo, ObjectStore
-from serve.prediction_log import SCHEMA, PredictionLogger, fail_fast_store, read_predictions
 
 T0 = datetime(2025, 3, 1, 10, 59, 58, tzinfo=UTC)
 KEY = re.compile(

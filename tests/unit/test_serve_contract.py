@@ -9,8 +9,8 @@ import yaml
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from ml.rollout import CONFIG_FILE, ServeDeployer
 from ml.settings import Settings
-from serve.deploy import CONFIG_FILE, ServeDeployer
 from serve.schemas import (
     MAX_PROBLEMS,
     InputError,
@@ -249,7 +249,7 @@ def test_model_cache_is_keyed_by_training_run_not_only_version(tmp_path, monkeyp
 
 
 def test_a_model_is_its_name_version_and_run():
-    from serve.deploy import ModelId, Serving
+    from ml.rollout import ModelId, Serving
 
     a2, b2 = ModelId("A", "2", "run-a"), ModelId("B", "2", "run-b")
     assert not a2.matches(b2)  # the same number is not the same model

@@ -10,8 +10,8 @@ from typing import Any
 
 from ray.serve.schema import ServeDeploySchema
 
+from ml.rollout import ServeDeployer
 from ml.settings import Settings
-from serve.deploy import ServeDeployer
 
 
 def _deployment(config: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ for one RayService: the contract under test is ours (path, auth, merge patch, st
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -17,9 +18,21 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from ml.rollout import CONFIG_FILE, DeployError, RayServiceApi, ServeDeployer, ServeRestApi
+from ml.serve_options import ServeOptions
 from ml.settings import Settings
-from serve.deploy import CONFIG_FILE, DeployError, RayServiceApi, ServeDeployer, ServeRestApi
+
+
+def _manifests():
+    """tests/deploy/test_k8s_manifests (the manifests' loaders); it needs kubernetes-validate, a
+    dev tool the Airflow image's package set (tests/deploy/test_airflow_image_packages.py) lacks."""
+    pytest.importorskip("kubernetes_validate")
+    from tests.deploy import test_k8s_manifests
+
+    return test_k8s_manifests
+
 
 RESOURCE_PATH = "/apis/ray.io/v1/namespaces/ct/rayservices/classifier"
 
@@ -60,7 +73,12 @@ class FakeRayServiceApi:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
-                seen = {"method": self.command, "path": self.path, "headers": dict(self.headers)}
+                seen = {
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": dict(self.headers),
+                    "body": body,
+                }
                 api.requests.append(seen)
                 if api.refuse_with:
                     self._answer(api.refuse_with, {"kind": "Status", "message": "refused"})
@@ -185,3 +203,152 @@ def test_serve_num_gpus_puts_replicas_on_gpus_when_starting_from_the_file() -> N
     # a running application keeps its own resources (edits made with `serve deploy` survive)
     running = ServeDeployer(Settings()).build_config(None, "1")
     assert gpus(ServeDeployer(Settings(serve_num_gpus=1)).build_config(running, "2")) == 0
+
+
+# ---- staged rollouts on KubeRay: user_config.candidate in serveConfigV2 --------------------------
+
+CANDIDATE = {"model_name": "agnews-classifier", "model_version": "7", "mode": "canary", "fraction": 0.25}
+NEWS_CANDIDATE = {"model_version": "4", "mode": "shadow"}
+
+
+@pytest.fixture
+def rayservice_api(k8s_api) -> tuple[FakeRayServiceApi, str]:
+    """The fake API holding docker/k8s/rayservice.yaml as `kubectl apply -k` creates it, plus a
+    second dataset's application (``news``, at /news) that has a shadow candidate of its own."""
+    api, url = k8s_api
+    spec = copy.deepcopy(_manifests().one("RayService")["spec"])
+    config = yaml.safe_load(spec["serveConfigV2"])
+    news = copy.deepcopy(config["applications"][0])
+    news.update(name="news", route_prefix="/news")
+    news["deployments"][0]["user_config"].update(
+        model_name="news-classifier", model_version="3", candidate=dict(NEWS_CANDIDATE)
+    )
+    config["applications"].append(news)
+    api.resource["spec"] = {**spec, "serveConfigV2": yaml.safe_dump(config, sort_keys=False)}
+    return api, url
+
+
+def _running(api: FakeRayServiceApi) -> dict:
+    """The RayService's serveConfigV2 as the cluster holds it: a string (the CRD's type) of YAML."""
+    text = api.resource["spec"]["serveConfigV2"]
+    assert isinstance(text, str)
+    return yaml.safe_load(text)
+
+
+def _user_config(config: dict, app: str) -> dict:
+    (entry,) = [a for a in config["applications"] if a["name"] == app]
+    return entry["deployments"][0]["user_config"]
+
+
+def _patches(api: FakeRayServiceApi) -> list[dict]:
+    return [r["body"] for r in api.requests if r["method"] == "PATCH"]
+
+
+def _accepted_by_serve(config: dict) -> None:
+    """What KubeRay hands to the Serve controller: Ray Serve's own config schema, and ours for every
+    user_config (KubeRay's CRD only says serveConfigV2 is a string; the repo vendors no CRD)."""
+    schema = pytest.importorskip("ray.serve.schema")
+    schema.ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            ServeOptions.model_validate(deployment["user_config"])
+
+
+def test_a_candidate_patches_only_user_config_candidate_of_our_application(rayservice_api, service_account):
+    api, url = rayservice_api
+    spec_before = copy.deepcopy(api.resource["spec"])
+    deployer = _deployer(url, service_account)
+    before = deployer.current_config()
+
+    deployer.apply(deployer.candidate_config(before, CANDIDATE))
+
+    (patch,) = _patches(api)  # a merge patch of serveConfigV2 alone: the rest of the spec is not sent
+    assert list(patch) == ["spec"] and list(patch["spec"]) == ["serveConfigV2"]
+    assert {k: v for k, v in api.resource["spec"].items() if k != "serveConfigV2"} == {
+        k: v for k, v in spec_before.items() if k != "serveConfigV2"
+    }
+    after = _running(api)
+    expected = copy.deepcopy(before)
+    _user_config(expected, "classifier")["candidate"] = CANDIDATE
+    assert after == expected  # other apps, http_options, every other field of ours: as they were
+    assert _user_config(after, "news")["candidate"] == NEWS_CANDIDATE
+    _accepted_by_serve(after)
+    # against the manifest (what render_serve_config.py wrote), the one new key is all that differs
+    ours = {**after, "applications": [a for a in after["applications"] if a["name"] == "classifier"]}
+    manifests = _manifests()
+    assert manifests.render_module().serve_config_differences(ours, manifests.serve_config_yaml()) == [
+        f"applications[0].deployments[0].user_config.candidate: only in the RayService ({CANDIDATE!r})"
+    ]
+
+
+def test_removing_the_candidate_removes_only_that_key(rayservice_api, service_account):
+    api, url = rayservice_api
+    deployer = _deployer(url, service_account)
+    before = deployer.current_config()
+    deployer.apply(deployer.candidate_config(before, {**CANDIDATE, "mode": "shadow"}))
+
+    deployer.apply(deployer.candidate_config(deployer.current_config(), None))
+
+    after = _running(api)
+    assert "candidate" not in _user_config(after, "classifier")
+    assert after == before  # the news application keeps its own candidate
+    _accepted_by_serve(after)
+    # removing it again changes nothing
+    deployer.apply(deployer.candidate_config(deployer.current_config(), None))
+    assert _running(api) == before
+
+
+def test_another_datasets_candidate_is_its_own_applications(rayservice_api, service_account):
+    api, url = rayservice_api
+    before = _running(api)
+    news = _deployer(url, service_account, dataset="news", serve_default_dataset="agnews")
+    assert news.app_name == "news"
+
+    news.apply(news.candidate_config(news.current_config(), None))
+
+    after = _running(api)
+    assert "candidate" not in _user_config(after, "news")
+    expected = copy.deepcopy(before)
+    del _user_config(expected, "news")["candidate"]
+    assert after == expected  # the classifier application untouched
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        {**CANDIDATE, "mode": "blue"},
+        {**CANDIDATE, "fraction": 1.5},
+        {**CANDIDATE, "model_version": ""},
+        {**CANDIDATE, "weight": 0.1},
+    ],
+)
+def test_a_bad_candidate_is_refused_before_the_rayservice_is_patched(
+    rayservice_api, service_account, candidate
+):
+    api, url = rayservice_api
+    deployer = _deployer(url, service_account)
+    with pytest.raises(ValidationError):  # ServeOptions, before anything is sent
+        deployer.candidate_config(deployer.current_config(), candidate)
+    assert _patches(api) == []
+
+
+def test_a_candidate_needs_our_application_running(rayservice_api, service_account):
+    api, url = rayservice_api
+    other = _deployer(url, service_account, dataset="sports", serve_default_dataset="agnews")
+    with pytest.raises(DeployError, match="application 'sports' does not run"):
+        other.candidate_config(other.current_config(), CANDIDATE)
+    assert _patches(api) == []
+
+
+@pytest.mark.parametrize("candidate", [CANDIDATE, None])
+def test_the_rendered_serve_config_keeps_a_candidate_block(candidate):
+    """render_serve_config.py neither drops nor rejects user_config.candidate (set, or null)."""
+    manifests = _manifests()
+    module = manifests.render_module()
+    edited = manifests.serve_config_yaml()
+    edited["applications"][0]["deployments"][0]["user_config"]["candidate"] = candidate
+    rendered = module.render((manifests.K8S_DIR / "rayservice.yaml").read_text(), edited)
+    assert module.check(rendered, edited) == []
+    served = module.rayservice_serve_config(rendered)
+    assert _user_config(served, "classifier")["candidate"] == candidate
+    _accepted_by_serve(served)

@@ -2,8 +2,8 @@
 
 Used by the ``deploy`` and ``smoke_test`` tasks of ``continuous_training`` and by hand::
 
-    python -m serve.deploy --version 3          # or --version champion
-    python -m serve.deploy --status
+    python -m ml.rollout --version 3          # or --version champion
+    python -m ml.rollout --status
 
 Where the Serve config lives depends on ``CT_SERVE_TARGET``: ``serve-api`` (default; the local
 stack and docker compose) changes it through the Ray dashboard's Serve REST API (``PUT
@@ -31,10 +31,11 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,13 +43,20 @@ from typing import Any, NoReturn
 import requests
 import yaml
 
+from ml.serve_options import ServeOptions
 from ml.settings import Settings, is_secret_name, load_settings, settings_env
-from serve.schemas import ServeOptions
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).with_name("config.yaml")
+# The template of a new application (the first deploy of a dataset), kept with the Serve app.
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
+# The application of the deployment's default dataset (CT_SERVE_DEFAULT_DATASET), at route "/";
+# every other dataset's application is named after the dataset, at "/<dataset>" (:func:`serve_app`).
 APP_NAME = "classifier"
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+# Dataset names that cannot be an application's route prefix: "/v1" would take "/v1/predict" away
+# from the default application, and "classifier" is the default application's own name.
+RESERVED_DATASET_NAMES = frozenset({APP_NAME, "v1", "healthz", "readyz", "docs", "redoc", "openapi.json"})
 API_TOKEN_ENV = "CT_SERVE_API_TOKEN"
 # Texts for a smoke test when there are no offline predictions to compare with.
 DEFAULT_SMOKE_TEXTS = [
@@ -61,6 +69,67 @@ DEFAULT_SMOKE_TEXTS = [
 
 class DeployError(RuntimeError):
     """A deploy or smoke test failed; the message says what failed and which version serves."""
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    """Where one dataset's model is served: its own Serve application, replicas and user_config.
+
+    The default dataset keeps the application ``classifier`` at route ``/`` (what running
+    deployments and the KubeRay manifests have; the app also answers under ``/<dataset>``); any
+    other dataset's application is named after it, at ``/<dataset>``.
+    """
+
+    name: str
+    route_prefix: str
+    dataset: str
+
+    @property
+    def path(self) -> str:
+        """What goes between ``CT_SERVE_URL`` and ``/v1/...``: empty for route ``/``."""
+        return self.route_prefix.rstrip("/")
+
+
+def check_dataset_name(dataset: str) -> str:
+    """``dataset``, if it can name a Serve application and a route prefix; else :class:`DeployError`."""
+    if not DATASET_NAME.fullmatch(dataset or ""):
+        raise DeployError(
+            f"dataset name {dataset!r} cannot name a Serve application and route prefix /<dataset>: "
+            "use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    if dataset.lower() in RESERVED_DATASET_NAMES:
+        raise DeployError(
+            f"dataset name {dataset!r} is reserved: the route /{dataset} would take the default "
+            f"application's own paths (or name), so it cannot be a dataset's application; rename the dataset"
+        )
+    return dataset
+
+
+def serve_app(dataset: str, default_dataset: str) -> ServeApp:
+    """The Serve application of ``dataset``'s model, given the deployment's default dataset."""
+    check_dataset_name(dataset)
+    if dataset == default_dataset:
+        return ServeApp(APP_NAME, "/", dataset)
+    return ServeApp(dataset, f"/{dataset}", dataset)
+
+
+def replace_app_entry(
+    config: dict[str, Any] | None, name: str, entry: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``config`` with application ``name``'s entry replaced by ``entry`` (appended if absent, removed
+    if ``entry`` is None). Every other entry and key is carried over as it is (a declarative PUT
+    replaces the whole config: an entry that changed would redeploy that application)."""
+    config = copy.deepcopy(config) if config else {}
+    apps = list(config.get("applications") or [])
+    position = next((i for i, app in enumerate(apps) if app.get("name") == name), None)
+    if position is None and entry is not None:
+        apps.append(copy.deepcopy(entry))
+    elif position is not None and entry is None:
+        del apps[position]
+    elif position is not None:
+        apps[position] = copy.deepcopy(entry)
+    config["applications"] = apps
+    return config
 
 
 @dataclass(frozen=True)
@@ -106,6 +175,7 @@ class Serving:
     requested: str | None
     last_load_error: str | None
     failed_request: str | None
+    candidate: dict[str, Any] | None = None  # a candidate in shadow or canary (GET /v1/model)
 
     @property
     def version(self) -> str:
@@ -119,6 +189,7 @@ class Serving:
             data.get("requested"),
             data.get("last_load_error"),
             data.get("failed_request"),
+            data.get("candidate"),
         )
 
     def failed_to_load(self, target: ModelId) -> bool:
@@ -260,18 +331,27 @@ class ServeDeployer:
         self,
         settings: Settings | None = None,
         *,
-        app_name: str = APP_NAME,
+        app_name: str | None = None,
+        route_prefix: str | None = None,
         config_file: Path = CONFIG_FILE,
         timeout_s: float = 600.0,
         poll_s: float = 2.0,
         control: ServeRestApi | RayServiceApi | None = None,
     ) -> None:
         self.settings = settings or load_settings()
-        self.app_name = app_name
+        if app_name is None:  # the run's dataset picks the application (serve_app)
+            self.app = serve_app(self.settings.dataset, self.settings.serve_default_dataset)
+        else:  # an application of its own (benchmarks)
+            self.app = ServeApp(app_name, route_prefix or "/", self.settings.dataset)
+        if route_prefix is not None:
+            self.app = replace(self.app, route_prefix=route_prefix)
+        self.app_name = self.app.name
+        self.route_prefix = self.app.route_prefix
         self.config_file = config_file
         self.timeout_s = timeout_s
         self.poll_s = poll_s
-        self.serve_url = self.settings.serve_url.rstrip("/")
+        # every HTTP check (serving, predict, smoke test, rollback) goes to this application's route
+        self.serve_url = self.settings.serve_url.rstrip("/") + self.app.path
         self._control = control
 
     # ---- the Serve config (CT_SERVE_TARGET) ---------------------------------------------
@@ -321,7 +401,7 @@ class ServeDeployer:
         """The pipeline's own request: marked so the drift check leaves it out of the traffic."""
         import uuid
 
-        from serve.prediction_log import PIPELINE_REQUEST_PREFIX
+        from ml.prediction_log import PIPELINE_REQUEST_PREFIX
 
         resp = requests.post(
             f"{self.serve_url}/v1/predict",
@@ -336,7 +416,9 @@ class ServeDeployer:
     # ---- deploy, verify, roll back ------------------------------------------------------
 
     def build_config(self, base: dict[str, Any] | None, version: str, model_name: str | None = None) -> dict:
-        """``base`` (the running config, or ``serve/config.yaml``) with our app pointed at ``version``."""
+        """``base`` (the running config) with our app pointed at ``version``; a new app (not in
+        ``base``) starts from ``serve/config.yaml``. Only our app's entry changes: the others go back
+        exactly as ``base`` has them, so a PUT of the result leaves their replicas alone."""
         config = copy.deepcopy(base) if base and self.app_config(base) else self._file_config(base)
         app = self.app_config(config)
         deployment = app["deployments"][0]
@@ -346,6 +428,7 @@ class ServeDeployer:
             "model_version": str(version),
             "model_path": "",
         }
+        user_config.pop("candidate", None)  # a deploy ends any staged rollout (ml.staged_rollout)
         ServeOptions.model_validate(user_config)  # refuse a bad config here, not in the replica
         deployment["user_config"] = user_config
         runtime_env = app.setdefault("runtime_env", {}) or {}
@@ -360,37 +443,100 @@ class ServeDeployer:
         app["runtime_env"] = runtime_env
         return config
 
-    def _file_config(self, running: dict[str, Any] | None) -> dict[str, Any]:
-        config = yaml.safe_load(self.config_file.read_text())
-        ours = [app for app in config["applications"] if app["name"] == self.app_name]
-        if not ours:
-            raise DeployError(f"{self.config_file} has no application named {self.app_name!r}")
-        if running:  # other applications keep running as they are
-            config["applications"] = [*running["applications"], *ours]
-            for key in ("proxy_location", "http_options"):
-                if key in running:
-                    config[key] = running[key]
+    def candidate_config(self, base: dict[str, Any] | None, candidate: dict[str, Any] | None) -> dict:
+        """``base`` with our application's ``user_config.candidate`` set to ``candidate`` (None:
+        removed), everything else as it runs: the serving model and the other applications stay.
+        A candidate needs a running application of ours (the champion it runs beside)."""
+        config = copy.deepcopy(base) if base else None
+        app = self.app_config(config)
+        if app is None:
+            raise DeployError(f"application {self.app_name!r} does not run: no serving model to run beside")
+        deployment = app["deployments"][0]
+        user_config = dict(deployment.get("user_config") or {})
+        if candidate is None:
+            user_config.pop("candidate", None)
         else:
-            config["applications"] = ours
+            user_config["candidate"] = dict(candidate)
+        ServeOptions.model_validate(user_config)  # refuse a bad candidate here, not in the replica
+        deployment["user_config"] = user_config
+        return config
+
+    def wait_for_candidate(self, target: ModelId | None, mode: str | None = None, checks: int = 6) -> Serving:
+        """Until ``checks`` answers in a row report ``target`` loaded as candidate in ``mode`` (or,
+        ``target`` None, no candidate). Fails at once on a replica's candidate load error."""
+        deadline = time.monotonic() + self.timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            status, message = self.app_status()
+            if status in {"DEPLOY_FAILED", "UNHEALTHY"}:
+                raise DeployError(f"application {self.app_name!r} is {status}: {message.strip()[:2000]}")
+            if status == "RUNNING":
+                answers = [self.serving() for _ in range(checks)]
+                seen = [a.candidate if a else "no answer" for a in answers]
+                if target is None and all(a is not None and a.candidate is None for a in answers):
+                    return answers[0]
+                for a in answers:
+                    cand = a.candidate if a else None
+                    if target is not None and cand and cand.get("load_error"):
+                        raise DeployError(
+                            f"the replicas could not load candidate {target}: {cand['load_error']}"
+                        )
+                if target is not None and all(
+                    a is not None
+                    and a.candidate
+                    and ModelId(
+                        a.candidate["name"], str(a.candidate.get("version")), a.candidate.get("run_id")
+                    ).matches(target)
+                    and (mode is None or a.candidate.get("mode") == mode)
+                    for a in answers
+                ):
+                    return answers[0]
+                last = str(seen[0])[:300]
+            else:
+                last = f"application {status}"
+            time.sleep(self.poll_s)
+        wanted = f"candidate {target} ({mode})" if target else "no candidate"
+        raise DeployError(f"{wanted} was not in place after {self.timeout_s:.0f} s (last seen: {last})")
+
+    def _file_config(self, running: dict[str, Any] | None) -> dict[str, Any]:
+        """The running config plus our new application, made from ``serve/config.yaml``'s
+        application (renamed and moved to our route prefix when it is not the default one)."""
+        config = yaml.safe_load(self.config_file.read_text())
+        template = [app for app in config["applications"] if app["name"] in {self.app_name, APP_NAME}]
+        if not template:
+            raise DeployError(f"{self.config_file} has no application named {APP_NAME!r} to start from")
+        ours = {**template[0], "name": self.app_name, "route_prefix": self.route_prefix}
+        if running:  # other applications keep running as they are
+            taken = [a["name"] for a in running["applications"] if a.get("route_prefix") == self.route_prefix]
+            if taken:
+                raise DeployError(
+                    f"route prefix {self.route_prefix} of application {self.app_name!r} (dataset "
+                    f"{self.app.dataset!r}) is taken by application {taken[0]!r}; nothing was changed"
+                )
+            config = {k: copy.deepcopy(v) for k, v in running.items() if k != "applications"}
+            config["applications"] = [*copy.deepcopy(running["applications"]), ours]
+        else:
+            config["applications"] = [ours]
             if host := self.settings.serve_http_host:  # in a container: listen beyond loopback
                 config["http_options"] = {**(config.get("http_options") or {}), "host": host}
-            if (gpus := self.settings.serve_num_gpus) is not None:
-                for deployment in ours[0].get("deployments", []):
-                    options = deployment.get("ray_actor_options") or {}
-                    deployment["ray_actor_options"] = {**options, "num_gpus": gpus}
-            minimum, per_node = self.settings.serve_min_replicas, self.settings.serve_max_replicas_per_node
-            for deployment in ours[0].get("deployments", []):  # production: >= 2 replicas, one per node
-                if minimum is not None and (scaling := deployment.get("autoscaling_config")):
-                    deployment["autoscaling_config"] = {
-                        **scaling,
-                        "min_replicas": minimum,
-                        "initial_replicas": max(minimum, scaling.get("initial_replicas") or 0),
-                        "max_replicas": max(minimum, scaling.get("max_replicas") or 0),
-                    }
-                elif minimum is not None:
-                    deployment["num_replicas"] = max(minimum, deployment.get("num_replicas") or 1)
-                if per_node is not None:
-                    deployment["max_replicas_per_node"] = per_node
+        # a new application: the replica settings apply to it (and only to it)
+        if (gpus := self.settings.serve_num_gpus) is not None:
+            for deployment in ours.get("deployments", []):
+                options = deployment.get("ray_actor_options") or {}
+                deployment["ray_actor_options"] = {**options, "num_gpus": gpus}
+        minimum, per_node = self.settings.serve_min_replicas, self.settings.serve_max_replicas_per_node
+        for deployment in ours.get("deployments", []):  # production: >= 2 replicas, one per node
+            if minimum is not None and (scaling := deployment.get("autoscaling_config")):
+                deployment["autoscaling_config"] = {
+                    **scaling,
+                    "min_replicas": minimum,
+                    "initial_replicas": max(minimum, scaling.get("initial_replicas") or 0),
+                    "max_replicas": max(minimum, scaling.get("max_replicas") or 0),
+                }
+            elif minimum is not None:
+                deployment["num_replicas"] = max(minimum, deployment.get("num_replicas") or 1)
+            if per_node is not None:
+                deployment["max_replicas_per_node"] = per_node
         return config
 
     def target(self, version: str | int, model_name: str | None = None, run_id: str | None = None) -> ModelId:
@@ -429,6 +575,8 @@ class ServeDeployer:
             "previous": previous.to_dict() if previous else None,
             "previous_version": previous.version if previous else None,
             "previous_config": previous_config,
+            "app": self.app_name,
+            "route_prefix": self.route_prefix,
             "seconds": seconds,
         }
 
@@ -476,19 +624,25 @@ class ServeDeployer:
     def rollback(
         self, previous_config: dict[str, Any] | None, previous: ModelId | dict | None, reason: str
     ) -> NoReturn:
-        """Put ``previous_config`` back, check the old model answers, and raise :class:`DeployError`."""
+        """Put our application's entry of ``previous_config`` back, check the old model answers, and
+        raise :class:`DeployError`.
+
+        Only our entry is restored, inside the config running *now*: other applications (other
+        datasets' models, changed meanwhile by their own deploys) are put back as they are now, so
+        they are neither restarted nor reverted.
+        """
         if isinstance(previous, dict):
             previous = ModelId.from_dict(previous)
         log.error("%s; rolling back", reason)
         try:
-            if previous_config is None or self.app_config(previous_config) is None:
-                # nothing served before: take the broken application down rather than leave it half up
-                others = [
-                    a for a in (previous_config or {}).get("applications", []) if a["name"] != self.app_name
-                ]
-                self.apply({**(previous_config or {}), "applications": others})
+            previous_app = self.app_config(previous_config)
+            current = self.current_config()
+            if current is None:  # Serve lost everything meanwhile: keep the old global options
+                current = {k: v for k, v in (previous_config or {}).items() if k != "applications"}
+            self.apply(replace_app_entry(current, self.app_name, previous_app))
+            if previous_app is None:
+                # nothing served before: the broken application was taken down rather than left half up
                 raise DeployError(f"{reason}. Nothing was serving before; the application was removed.")
-            self.apply(previous_config)
             if previous is not None:
                 self.wait_for_model(previous)
                 self.smoke_test(previous)
@@ -501,9 +655,14 @@ class ServeDeployer:
     def verify(self, deployed: dict[str, Any], expected: dict[str, Any] | None = None) -> dict[str, Any]:
         """Smoke-test what :meth:`deploy` returned; on failure roll back (raises :class:`DeployError`).
 
-        The ``smoke_test`` task of the DAG and ``python -m serve.deploy`` both end a deploy with it.
+        The ``smoke_test`` task of the DAG and ``python -m ml.rollout`` both end a deploy with it.
         """
         target = ModelId.from_dict(deployed)
+        if deployed.get("app", self.app_name) != self.app_name:
+            raise DeployError(
+                f"{target} was deployed to application {deployed['app']!r}, not {self.app_name!r} "
+                f"(dataset {self.app.dataset!r}): verify it with the settings of its own dataset"
+            )
         try:
             return self.smoke_test(target, expected)
         except DeployError as err:
@@ -562,38 +721,183 @@ class ServeDeployer:
         return {**target.to_dict(), "texts": len(texts), "compared_offline": bool(expected)}
 
 
+def deploy_promoted(settings: Settings, outcome: dict[str, Any], actor: str = "") -> dict[str, Any]:
+    """The ``deploy`` task: serve the version :func:`ml.registry.register_challenger` promoted, in
+    the Serve application of ``settings.dataset`` (:func:`serve_app`; other datasets' untouched).
+
+    Returns what :func:`verify_deployed` needs; raises :class:`DeployError` (after rolling back)
+    when the new version does not serve. A failed attempt goes into the serving history.
+    """
+    deployer = ServeDeployer(settings)
+    started = time.monotonic()
+    before = deployer.serving()
+    try:
+        return deployer.deploy(outcome["version"], model_name=outcome["name"], run_id=outcome.get("run_id"))
+    except DeployError as err:
+        _record_failed(
+            settings,
+            outcome["name"],
+            before.version if before else None,
+            str(outcome["version"]),
+            actor,
+            started,
+            err,
+        )
+        raise
+
+
+def verify_deployed(
+    settings: Settings,
+    deployed: dict[str, Any],
+    expected: dict[str, Any] | None,
+    actor: str,
+    *,
+    reason: str = "promoted to champion by the offline gate",
+    move_champion: bool = False,
+) -> dict[str, Any]:
+    """The ``smoke_test`` task: the served answers must equal the offline ones (``expected``, the
+    evaluation's smoke set), else roll back (:class:`DeployError`). On success the version gets the
+    ``serving`` alias, tagged with ``actor`` (the DAG run or user that deployed it), and the deploy
+    goes into the serving history (as does a failed one, with its automatic rollback).
+    ``move_champion``: also move ``champion`` to it (a staged rollout's promotion: until now the
+    version was only ``challenger``)."""
+    from ml.registry import mark_serving
+    from ml.serving_history import record
+
+    started = time.monotonic() - float(deployed.get("seconds") or 0)
+    try:
+        deployer = ServeDeployer(settings)  # the application of settings.dataset, as deploy_promoted's
+        report = deployer.verify(deployed, expected)
+    except DeployError as err:
+        _record_failed(
+            settings,
+            deployed["name"],
+            deployed.get("previous_version"),
+            str(deployed["version"]),
+            actor,
+            started,
+            err,
+        )
+        raise
+    if move_champion:
+        from mlflow import MlflowClient
+
+        from ml.registry import CHAMPION
+
+        client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+        client.set_registered_model_alias(deployed["name"], CHAMPION, str(deployed["version"]))
+        client.set_model_version_tag(deployed["name"], str(deployed["version"]), "rollout", reason)
+        log.info("%s v%s is champion: %s", deployed["name"], deployed["version"], reason)
+    mark_serving(settings, deployed["version"], name=deployed["name"], tags={"deployed_by": actor})
+    record(
+        settings,
+        model=deployed["name"],
+        dataset=settings.dataset,
+        action="deploy",
+        from_version=deployed.get("previous_version"),
+        to_version=str(deployed["version"]),
+        result="ok",
+        actor=actor,
+        reason=reason,
+        seconds=round(time.monotonic() - started, 1),
+    )
+    return {**report, "name": deployed["name"], "serve_url": deployer.serve_url}
+
+
+def _record_failed(
+    settings: Settings,
+    name: str,
+    previous: str | None,
+    attempted: str,
+    actor: str,
+    started: float,
+    err: Exception,
+) -> None:
+    """A deploy that failed: the automatic rollback put ``previous`` back (or could not)."""
+    from ml.serving_history import record
+
+    try:
+        record(
+            settings,
+            model=name,
+            dataset=settings.dataset,
+            action="auto_rollback",
+            from_version=attempted,
+            to_version=previous,
+            result="failed" if "ROLLBACK ALSO FAILED" in str(err) else "ok",
+            actor=actor,
+            reason=f"deploy of v{attempted} failed",
+            seconds=round(time.monotonic() - started, 1),
+            detail=str(err)[:2000],
+        )
+    except Exception:  # the deploy's own error is what the task must report
+        log.exception("could not record the failed deploy of %s v%s in the serving history", name, attempted)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import getpass
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--version", help="version number or alias (e.g. champion) to deploy")
     group.add_argument("--status", action="store_true", help="print the application status and model")
-    parser.add_argument("--model", help="registered model name (default CT_REGISTERED_MODEL)")
+    parser.add_argument("--dataset", help="the dataset whose application to act on (default CT_DATASET)")
+    parser.add_argument("--model", help="registered model name (default <dataset>-classifier)")
+    parser.add_argument(
+        "--reason", default="deployed by hand (python -m ml.rollout)", help="for the serving history"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    deployer = ServeDeployer()
+    settings = load_settings(**({"dataset": args.dataset} if args.dataset else {}))
+    deployer = ServeDeployer(settings)
     if args.status:
         status, message = deployer.app_status()
         serving = deployer.serving()
         print(
             json.dumps(
-                {"status": status, "message": message, "serving": serving.__dict__ if serving else None}
+                {
+                    "application": deployer.app_name,
+                    "route_prefix": deployer.route_prefix,
+                    "status": status,
+                    "message": message,
+                    "serving": serving.__dict__ if serving else None,
+                },
+                default=str,
             )
         )
         return 0
     from mlflow import MlflowClient
 
     from ml.registry import mark_serving, resolve_version
+    from ml.serving_history import record
 
-    name = args.model or deployer.settings.registered_model
-    client = MlflowClient(tracking_uri=deployer.settings.mlflow_tracking_uri)
+    name = args.model or settings.registered_model
+    actor = f"user:{getpass.getuser()} (ml.rollout)"
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     version = resolve_version(client, name, args.version)  # the run id too: a number can be reused
+    started = time.monotonic()
+    before = deployer.serving()
+    previous = before.version if before else None
     try:
         result = deployer.deploy(version.version, model_name=name, run_id=version.run_id)
         deployer.verify(result)  # rolls back on a failed smoke test, as the DAG's smoke_test task does
     except DeployError as err:
+        _record_failed(settings, name, previous, str(version.version), actor, started, err)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    mark_serving(deployer.settings, str(version.version), name=name, tags={"deployed_by": "serve.deploy"})
+    mark_serving(settings, str(version.version), name=name, tags={"deployed_by": actor})
+    record(
+        settings,
+        model=name,
+        dataset=settings.dataset,
+        action="pin",
+        from_version=previous,
+        to_version=str(version.version),
+        result="ok",
+        actor=actor,
+        reason=args.reason,
+        seconds=round(time.monotonic() - started, 1),
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "previous_config"}))
     return 0
 

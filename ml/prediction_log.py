@@ -9,8 +9,13 @@ boundary writes one object into each partition); the timestamp in the name is wh
 cut, ``seq`` counts the writer's batches. Every file has the schema :data:`SCHEMA`: one row per text
 with ``ts``, ``request_id``, ``text``, ``label``, ``score``, ``scores`` (JSON of every class's
 probability, or null), ``model_name``, ``model_version``, ``model_run_id`` (the MLflow run that
-trained it: a version number alone can be reused) and ``writer_id``. Files written before
-``model_run_id`` existed read back with it null.
+trained it: a version number alone can be reused), ``item`` (the text's index in its request),
+``role`` (``champion``; ``shadow`` for a candidate's answer to a mirrored copy that no client saw;
+``canary`` for a candidate's answer a client got), ``latency_ms`` (the request's inference time in
+the replica), ``error`` (set, with ``label`` null, when that model failed on the text: a canary's
+client was then answered by the champion) and ``writer_id``. Files written before a column existed
+read back with it null (``role`` null = ``champion``). Only rows with a ``role`` other than
+``shadow`` and no ``error`` are answers a client received (:func:`client_rows`).
 :func:`read_predictions` reads a time window back (for the drift check).
 
 Guarantees of :class:`PredictionLogger`:
@@ -63,7 +68,7 @@ from ml.storage import ObjectStore, minio_client
 log = logging.getLogger(__name__)
 
 # Requests the pipeline itself sends (deploy smoke tests) carry X-Request-ID with this prefix:
-# they are logged like any other, and left out of drift windows (serve.deploy, ml.monitor).
+# they are logged like any other, and left out of drift windows (ml.rollout, ml.monitor).
 PIPELINE_REQUEST_PREFIX = "ct-pipeline-"
 PREDICTIONS = "predictions"
 
@@ -78,6 +83,10 @@ SCHEMA = pa.schema(
         pa.field("model_name", pa.string()),
         pa.field("model_version", pa.string()),
         pa.field("model_run_id", pa.string()),
+        pa.field("item", pa.int32()),
+        pa.field("role", pa.string()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("error", pa.string()),
         pa.field("writer_id", pa.string(), nullable=False),
     ]
 )
@@ -503,6 +512,10 @@ def _normalize(record: Mapping[str, Any]) -> Row:
         _text(record.get("model_name")),
         _text(record.get("model_version")),
         _text(record.get("model_run_id")),
+        None if record.get("item") is None else int(record["item"]),
+        _text(record.get("role")),
+        None if record.get("latency_ms") is None else float(record["latency_ms"]),
+        _text(record.get("error")),
     )
 
 
@@ -555,6 +568,14 @@ def read_predictions(
     table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
     frame = table.sort_by([("ts", "ascending")]).to_pandas()
     return frame.reset_index(drop=True)
+
+
+def client_rows(window: pd.DataFrame) -> pd.DataFrame:
+    """The rows of answers clients received: no shadow answers (mirrored copies nobody saw) and no
+    failed attempts (an erroring canary's client was answered by the champion, logged separately)."""
+    role = window["role"] if "role" in window else pd.Series(None, index=window.index, dtype=object)
+    error = window["error"] if "error" in window else pd.Series(None, index=window.index, dtype=object)
+    return window[(role.fillna("champion") != "shadow") & error.isna()]
 
 
 def _window_prefixes(prefix: str, start: datetime, end: datetime) -> Iterator[str]:
