@@ -679,12 +679,74 @@ def _fine_tuned_labels(model_config: dict[str, Any]) -> list[str]:
     return [str(v) for v in (model_config.get("id2label") or {}).values()]
 
 
+def steps_per_epoch_for(config: TrainConfig, train_rows: int) -> int:
+    """Micro-batch steps every rank takes per epoch (the same on all ranks): enough for every
+    training row across the workers, rounded down to whole accumulation cycles, at least one."""
+    steps = max(1, math.ceil(train_rows / (config.batch_size * config.num_workers)))
+    return max(config.grad_accum_steps, steps - steps % config.grad_accum_steps)
+
+
+def train_loop_config(
+    config: TrainConfig,
+    settings: Settings,
+    labels: tuple[str, ...],
+    train_key: str,
+    val_key: str,
+    base_model: str,
+    init_model: dict[str, str] | None,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """What :func:`train_loop_per_worker` gets from the driver (JSON-able: it crosses to the workers)."""
+    return {
+        "config": config.model_dump(),
+        "settings": settings.model_dump(mode="json"),
+        "labels": list(labels),
+        "train_key": train_key,
+        "val_key": val_key,
+        "base_model": base_model,
+        "init_model": init_model,
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def make_trainer(
+    config: TrainConfig,
+    loop_config: dict[str, Any],
+    storage_path: str,
+    filesystem: Any = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+) -> Any:
+    """The Ray Train ``TorchTrainer`` of a run: ``num_workers`` workers running ``train_loop``,
+    checkpoints under ``storage_path`` (S3 in the pipeline; benchmarks/train_overhead.py passes a
+    local folder and a timing wrapper around train_loop_per_worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+
+
 def run_training(settings: Settings, config: TrainConfig, result_key: str) -> dict[str, Any]:
     """The whole job: checks, splits, Ray Train fit, export, MLflow, result JSON."""
     import mlflow
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from ml.data import prepare_splits, read_parquet
     from ml.storage import ObjectStore
@@ -704,10 +766,7 @@ def run_training(settings: Settings, config: TrainConfig, result_key: str) -> di
     base_model = check_config(config, splits.labels, ray.cluster_resources(), settings.ray_autoscaling)
     init_model = warm_start_model(settings, config, splits.labels)
     train_rows = len(read_parquet(store, splits.train))
-    steps_per_epoch = max(1, math.ceil(train_rows / (config.batch_size * config.num_workers)))
-    steps_per_epoch = max(
-        config.grad_accum_steps, steps_per_epoch - steps_per_epoch % config.grad_accum_steps
-    )
+    steps_per_epoch = steps_per_epoch_for(config, train_rows)
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
@@ -761,34 +820,10 @@ def run_training(settings: Settings, config: TrainConfig, result_key: str) -> di
         )
 
     storage_path, filesystem = _ray_storage(settings)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(),
-            "settings": settings.model_dump(mode="json"),
-            "labels": list(splits.labels),
-            "train_key": splits.train,
-            "val_key": splits.val,
-            "base_model": base_model,
-            "init_model": init_model,
-            "steps_per_epoch": steps_per_epoch,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=config.run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"
-            ),
-            worker_runtime_env={"env_vars": _worker_env()},
-        ),
+    loop_config = train_loop_config(
+        config, settings, splits.labels, splits.train, splits.val, base_model, init_model, steps_per_epoch
     )
+    trainer = make_trainer(config, loop_config, storage_path, filesystem)
     started = time.perf_counter()
     result = trainer.fit()
     fit_seconds = time.perf_counter() - started

@@ -19,6 +19,7 @@ from ml.train import (
     deepspeed_config,
     resolve_precision,
     resolve_zero_stage,
+    steps_per_epoch_for,
 )
 
 LABELS = ("Business", "Sci_Tech", "Sports", "World")
@@ -152,3 +153,17 @@ def test_zero_stage_defaults_to_auto_and_must_be_resolved_before_deepspeed():
 def test_count_parameters_of_the_packaged_base_model():
     # all-MiniLM-L6-v2's encoder: 22.7 M parameters (the classification head is not counted)
     assert 22_000_000 < count_parameters(Settings().resolved_base_model()) < 23_000_000
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides", "steps"),
+    [
+        (400, {}, 13),  # ceil(400 / (16 x 2 workers))
+        (384, {}, 12),
+        (10, {}, 1),
+        (400, {"grad_accum_steps": 4}, 12),  # whole accumulation cycles only
+        (10, {"grad_accum_steps": 4}, 4),  # at least one cycle
+    ],
+)
+def test_steps_per_epoch(rows, overrides, steps):
+    assert steps_per_epoch_for(config(**overrides), rows) == steps
