@@ -481,9 +481,35 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             rows.append(row)
+            if args.json:  # after every configuration: a run stopped by a timeout keeps what it measured
+                _write_json(args.json, _meta(args, argv, started, cores, base_model, load_before, rows), rows)
+    meta = _meta(args, argv, started, cores, base_model, load_before, rows)
+    print(_report(rows, meta, args.gpu, cores))
+    if args.json:
+        _write_json(args.json, meta, rows)
+        print(f"\nJSON written to {args.json}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    partial.replace(path)
+
+
+def _meta(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    started: dt.datetime,
+    cores: int,
+    base_model: str,
+    load_before: float,
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The run's description; also sets each row's ratio to the baseline (add_ratios)."""
     load_after = os.getloadavg()[0]
     baseline = add_ratios(rows)
-    meta = {
+    return {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
         "date_utc": started.isoformat(timespec="seconds"),
         "machine": _machine(args.gpu),
@@ -500,12 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "peak_tflops": args.peak_tflops if args.gpu else None,
         "gpu_path_tested": False if args.gpu else None,
+        "configurations_planned": len(args.stages) * len(args.workers),
     }
-    print(_report(rows, meta, args.gpu, cores))
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        print(f"\nJSON written to {args.json}")
-    return 1 if any("error" in r for r in rows) else 0
 
 
 def _model_name(path: str) -> str:
