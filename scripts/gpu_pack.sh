@@ -28,6 +28,7 @@ WHEELS=(deepspeed hjson py-cpuinfo msgpack ninja einops pydantic pydantic-core p
 quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 
+case "$(realpath -m "$DIR")" in / | "$REPO" | "$HOME") echo "refusing to empty $DIR" >&2; exit 2 ;; esac
 rm -rf "$DIR"
 mkdir -p "$DIR/wheels"
 PLATFORMS=()
