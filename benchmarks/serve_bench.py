@@ -68,6 +68,9 @@ DEFAULT_METRICS_URL = "http://127.0.0.1:8090/metrics"  # scripts/stack.py's RAY_
 TARGET_BATCHED_OVER_UNBATCHED = 1.8  # on this 2-core CPU; >= 10 expected on a GPU
 TARGET_GPU_BATCHED_OVER_UNBATCHED = 10.0
 TARGET_SERVED_OVER_BARE = 0.8
+TARGET_LOW_LOAD_P50_EXCESS_MS = 10.0  # adaptive batching, 1 client: p50 within this of bare batch 1
+FIXED_WAIT_BASELINE_MS = 100.0  # the fixed batch wait adaptive batching is compared with
+SERVED_MODES = ("unbatched", "batched", "adaptive")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -467,6 +470,7 @@ class BenchApp:
                     info.get("source") == user_config["model_path"]
                     and limits.get("max_batch_size") == user_config["max_batch_size"]
                     and limits.get("batch_wait_timeout_s") == user_config["batch_wait_timeout_s"]
+                    and limits.get("adaptive_batching", False) == user_config.get("adaptive_batching", False)
                 ):
                     return info
                 last = f"serving {info.get('source')} with limits {limits}"
@@ -605,7 +609,7 @@ def bench_served(
     meta["deployment"] = deployment
     app = BenchApp(deployer, serve_url, deployment, args.env, args.deploy_timeout, args.import_path)
 
-    def user_config(batch: int, wait_ms: float) -> dict[str, Any]:
+    def user_config(batch: int, wait_ms: float, adaptive: bool = False) -> dict[str, Any]:
         return {
             **base_user_config,
             "model_name": "",
@@ -613,21 +617,22 @@ def bench_served(
             "model_path": str(export),
             "max_batch_size": batch,
             "batch_wait_timeout_s": wait_ms / 1000,
+            "adaptive_batching": adaptive,
             "torch_threads": args.torch_threads,
             "device": args.device,
             "dtype": args.dtype,
             "prediction_log": False,
         }
 
-    modes = [("unbatched", 1, 0.0)] + [
-        ("batched", n, wait) for n in args.max_batch_size for wait in args.batch_wait_ms
-    ]
+    modes = [("unbatched", 1, 0.0)] if not args.no_unbatched else []
+    modes += [("batched", n, wait) for n in args.max_batch_size for wait in args.batch_wait_ms]
+    modes += [("adaptive", n, wait) for n in args.max_batch_size for wait in args.adaptive_wait_ms]
     rows: list[dict[str, Any]] = []
     others_before = _other_apps_replicas(deployer)
     try:
         print(f"-- deploying {APP_NAME!r} at {app.url} (one replica) ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        first = user_config(modes[0][1], modes[0][2])
+        first = user_config(modes[0][1], modes[0][2], modes[0][0] == "adaptive")
         app.apply(first)
         info = app.wait_applied(first)
         meta["served_model"] = {k: info.get(k) for k in ("source", "device", "dtype", "max_length")}
@@ -636,47 +641,49 @@ def bench_served(
         meta["replica_niceness"] = _niceness(replica[0]) if replica else None
         _renice(args, meta)
         for mode, batch, wait_ms in modes:
-            config = user_config(batch, wait_ms)
+            config = user_config(batch, wait_ms, mode == "adaptive")
             app.apply(config)
             app.wait_applied(config)
             pids = _serve_pids()
-            before = _batch_metrics(args.metrics_url)
-            print(
-                f"-- served {mode}: max_batch_size {batch}, wait {wait_ms:g} ms, concurrency "
-                f"{args.concurrency}, {args.warmup:g} s warm-up + {args.duration:g} s ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            result, cores = run_load(
-                args.client,
-                f"{app.url}/v1/predict",
-                texts,
-                args.concurrency,
-                args.warmup,
-                args.duration,
-                pids,
-            )
-            row = _served_row(mode, batch, wait_ms, args.concurrency, result, cores)
-            row["pids"] = pids
-            row["mean_batch"] = _mean_batch(args.metrics_url, before, result.ok_total)
-            print(
-                f"   {row['texts_per_s']:.1f} texts/s, p50 {row['p50_ms']} ms, errors {row['errors']}, "
-                f"mean batch {row['mean_batch']}",
-                file=sys.stderr,
-                flush=True,
-            )
-            rows.append(row)
+            for concurrency in args.concurrency:
+                before = _batch_metrics(args.metrics_url)
+                print(
+                    f"-- served {mode}: max_batch_size {batch}, wait {wait_ms:g} ms, concurrency "
+                    f"{concurrency}, {args.warmup:g} s warm-up + {args.duration:g} s ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                result, cores = run_load(
+                    args.client,
+                    f"{app.url}/v1/predict",
+                    texts,
+                    concurrency,
+                    args.warmup,
+                    args.duration,
+                    pids,
+                )
+                row = _served_row(mode, batch, wait_ms, concurrency, result, cores)
+                row["pids"] = pids
+                row["mean_batch"] = _mean_batch(args.metrics_url, before, result.ok_total)
+                print(
+                    f"   {row['texts_per_s']:.1f} texts/s, p50 {row['p50_ms']} ms, errors {row['errors']}, "
+                    f"mean batch {row['mean_batch']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(row)
         if args.http_seconds > 0:
+            top = max(args.concurrency)
             print(
-                f"-- HTTP path alone: GET {ROUTE_PREFIX}/healthz, concurrency {args.concurrency}, "
+                f"-- HTTP path alone: GET {ROUTE_PREFIX}/healthz, concurrency {top}, "
                 f"{args.http_seconds:g} s ...",
                 file=sys.stderr,
                 flush=True,
             )
             result, cores = run_load(
-                args.client, f"{app.url}/healthz", None, args.concurrency, 2.0, args.http_seconds, pids
+                args.client, f"{app.url}/healthz", None, top, 2.0, args.http_seconds, pids
             )
-            rows.append(_served_row("HTTP only", None, None, args.concurrency, result, cores))
+            rows.append(_served_row("HTTP only", None, None, top, result, cores))
             rows[-1]["pids"] = pids
     finally:
         print(f"-- removing {APP_NAME!r} ...", file=sys.stderr, flush=True)
@@ -777,15 +784,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _at(rows: list[dict[str, Any]], mode: str, concurrency: int | None) -> list[dict[str, Any]]:
+    return [r for r in rows if r["mode"] == mode and (concurrency is None or r["concurrency"] == concurrency)]
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda r: r["texts_per_s"], default=None)
+
+
 def summarize(rows: list[dict[str, Any]], gpu: bool) -> dict[str, Any]:
+    """The ratios against their targets. Served modes are compared at the highest concurrency
+    (the load batching is for); adaptive batching also at each level against the fixed wait."""
     bare = [r for r in rows if r["mode"] == "bare"]
-    unbatched = next((r for r in rows if r["mode"] == "unbatched"), None)
-    batched = [r for r in rows if r["mode"] == "batched"]
-    best_bare = max(bare, key=lambda r: r["texts_per_s"], default=None)
+    levels = sorted({r["concurrency"] for r in rows if r["mode"] in SERVED_MODES})
+    top = levels[-1] if levels else None
+    unbatched = next(iter(_at(rows, "unbatched", top)), None)
+    best_bare = _best(bare)
     bare_1 = next((r for r in bare if r["max_batch_size"] == 1), None)
-    best_batched = max(batched, key=lambda r: r["texts_per_s"], default=None)
+    best_batched = _best(_at(rows, "batched", top) + _at(rows, "adaptive", top))
     target_ratio = TARGET_GPU_BATCHED_OVER_UNBATCHED if gpu else TARGET_BATCHED_OVER_UNBATCHED
     out: dict[str, Any] = {
+        "concurrency": top,
         "best_bare": best_bare
         and {"batch": best_bare["max_batch_size"], "texts_per_s": best_bare["texts_per_s"]},
         "bare_best_over_batch1": best_bare["texts_per_s"] / bare_1["texts_per_s"]
@@ -793,6 +812,7 @@ def summarize(rows: list[dict[str, Any]], gpu: bool) -> dict[str, Any]:
         else None,
         "best_batched": best_batched
         and {
+            "mode": best_batched["mode"],
             "batch": best_batched["max_batch_size"],
             "wait_ms": best_batched["batch_wait_ms"],
             "texts_per_s": best_batched["texts_per_s"],
@@ -806,6 +826,25 @@ def summarize(rows: list[dict[str, Any]], gpu: bool) -> dict[str, Any]:
         out["served_over_bare"] = best_batched["texts_per_s"] / best_bare["texts_per_s"]
     if unbatched and bare_1:
         out["unbatched_over_bare_batch1"] = unbatched["texts_per_s"] / bare_1["texts_per_s"]
+    adaptive: dict[str, Any] = {}
+    for level in levels:
+        here = _best(_at(rows, "adaptive", level))
+        fixed = _best(
+            [r for r in _at(rows, "batched", level) if r["batch_wait_ms"] == FIXED_WAIT_BASELINE_MS]
+        )
+        if here is None:
+            continue
+        entry: dict[str, Any] = {"texts_per_s": here["texts_per_s"], "p50_ms": here["p50_ms"]}
+        if fixed:
+            entry["fixed_texts_per_s"] = fixed["texts_per_s"]
+            entry["fixed_p50_ms"] = fixed["p50_ms"]
+            entry["throughput_over_fixed"] = here["texts_per_s"] / fixed["texts_per_s"]
+        if bare_1 and here["p50_ms"] is not None and bare_1.get("p50_ms") is not None:
+            entry["p50_minus_bare_batch1_ms"] = here["p50_ms"] - bare_1["p50_ms"]
+        adaptive[str(level)] = entry
+    if adaptive:
+        out["adaptive"] = adaptive
+        out["target_low_load_p50_over_bare_batch1_ms"] = TARGET_LOW_LOAD_P50_EXCESS_MS
     return out
 
 
@@ -840,10 +879,9 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, 
     bare = [r for r in rows if r["mode"] == "bare"]
     best_bare = max(bare, key=lambda r: r["texts_per_s"], default=None)
     bare_1 = next((r for r in bare if r["max_batch_size"] == 1), None)
-    unbatched = next((r for r in rows if r["mode"] == "unbatched"), None)
-    best_batched = max(
-        (r for r in rows if r["mode"] == "batched"), key=lambda r: r["texts_per_s"], default=None
-    )
+    top = summary.get("concurrency")
+    unbatched = next(iter(_at(rows, "unbatched", top)), None)
+    best_batched = _best(_at(rows, "batched", top) + _at(rows, "adaptive", top))
     if best_batched and unbatched:
         lines.append(
             verdict(
@@ -851,8 +889,8 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, 
                 best_batched["texts_per_s"],
                 unbatched["texts_per_s"],
                 summary["target_batched_over_unbatched"],
-                f"best batched: max batch {best_batched['max_batch_size']}, "
-                f"wait {best_batched['batch_wait_ms']:g} ms",
+                f"best batched: {best_batched['mode']}, max batch {best_batched['max_batch_size']}, "
+                f"wait {best_batched['batch_wait_ms']:g} ms, {top} clients",
             )
         )
     if best_batched and best_bare:
@@ -885,6 +923,26 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, 
                 "the serving path's cost without batching",
             )
         )
+    for level, entry in (summary.get("adaptive") or {}).items():
+        head = f"adaptive batching at {level} clients: {entry['texts_per_s']:.1f} texts/s"
+        parts = [f"{head}, p50 {entry['p50_ms']:.0f} ms"]
+        if "throughput_over_fixed" in entry:
+            parts.append(
+                f"vs fixed {FIXED_WAIT_BASELINE_MS:g} ms wait {entry['fixed_texts_per_s']:.1f} texts/s, p50 "
+                f"{entry['fixed_p50_ms']:.0f} ms: throughput x{entry['throughput_over_fixed']:.2f}"
+            )
+        if "p50_minus_bare_batch1_ms" in entry:
+            excess = entry["p50_minus_bare_batch1_ms"]
+            goal = TARGET_LOW_LOAD_P50_EXCESS_MS
+            parts.append(
+                f"p50 - bare batch-1 p50 = {excess:+.0f} ms"
+                + (
+                    f" (low-load goal <= {goal:g} ms: {'met' if excess <= goal else 'MISSED'})"
+                    if level == "1"
+                    else ""
+                )
+            )
+        lines.append("; ".join(parts))
     for row in rows:
         if row.get("cores_used") and row["mode"] != "bare":
             used = ", ".join(f"{k} {v:.2f}" for k, v in row["cores_used"].items())
@@ -892,7 +950,7 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, 
                 f"max batch {row['max_batch_size']}, wait {row['batch_wait_ms']:g} ms"
                 if row["max_batch_size"]
                 else ""
-            )
+            ) + f", {row['concurrency']} clients"
             lines.append(f"cores used during {row['mode']} {what}: {used}")
     return "\n".join(lines)
 
@@ -940,6 +998,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _float_list(text: str) -> list[float]:
+    if text.strip().lower() == "none":
+        return []
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
@@ -964,7 +1024,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "next to the bare model's throughput measured in the same run."
     )
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
+    load.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[16],
+        help="closed-loop clients: one or more levels, each run in every served mode (default 16)",
+    )
     load.add_argument(
         "--duration", type=float, default=20.0, help="timed seconds per served mode (default 20)"
     )
@@ -995,6 +1060,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="batch_wait_timeout_s of the batched mode(s) in ms (default 5,100: a short wait, and one long "
         "enough for batches to fill, serve/config.yaml's); each combined with every --max-batch-size",
     )
+    serve.add_argument(
+        "--adaptive-wait-ms",
+        type=_float_list,
+        default=[100.0],
+        help="adaptive mode(s): batches sized to the texts in flight lately, waiting at most this many "
+        "ms (default 100, serve/config.yaml's); 'none' to skip; each combined with every --max-batch-size",
+    )
+    serve.add_argument("--no-unbatched", action="store_true", help="skip the unbatched mode")
     serve.add_argument(
         "--import-path",
         default="serve.app:classifier_app",
@@ -1049,7 +1122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.env = dict(args.env)
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.torch_threads < 1:
+    if min(args.concurrency) < 1 or args.duration <= 0 or args.warmup < 0 or args.torch_threads < 1:
         parser.error("--concurrency and --torch-threads must be >= 1, --duration > 0, --warmup >= 0")
     if not args.data.is_file():
         parser.error(f"--data: {args.data} does not exist")

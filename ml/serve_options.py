@@ -73,7 +73,15 @@ class ServeOptions(BaseModel):
     model_version: str = Field("champion", description="A version number or an alias (resolved at load).")
     model_path: str = Field("", description="Load an export directory instead of the registry (benchmarks).")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Texts per forward pass (@serve.batch).")
-    batch_wait_timeout_s: float = Field(0.1, ge=0, le=10, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.1, ge=0, le=10, description="How long a batch waits to fill (adaptive: at most this long)."
+    )
+    adaptive_batching: bool = Field(
+        True,
+        description="Size each batch to the texts in flight lately (at most max_batch_size): a lone "
+        "request goes at once, concurrent ones are gathered. false = always wait for max_batch_size "
+        "texts or batch_wait_timeout_s.",
+    )
     max_texts_per_request: int = Field(64, ge=1, le=10_000)
     max_text_chars: int = Field(10_000, ge=1, description="Longer texts are rejected with a 422.")
     return_all_scores: bool = Field(False, description="Default for requests that do not say.")

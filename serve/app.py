@@ -241,6 +241,44 @@ class _Inferences:
 _SERVING = _Inferences()
 
 
+class _InFlight:
+    """Texts inside this replica's predict calls now, and the most seen lately.
+
+    Adaptive batching sizes each batch to that recent peak: a lone client's text goes at once
+    (a peak of 1 closes the batch at its first text), while 16 clients that all wait on the
+    running batch come back together and fill the next one. The peak is the larger of the
+    current and the previous ``window_s`` window, so the dip between two batches (every client
+    answered, the next requests still on their way) does not shrink the next batch. Used on the
+    replica's event loop only.
+    """
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.now = 0
+        self._peak = 0
+        self._previous = 0
+        self._since = time.monotonic()
+
+    def _roll(self) -> None:
+        elapsed = time.monotonic() - self._since
+        if elapsed >= self.window_s:
+            self._previous = self._peak if elapsed < 2 * self.window_s else self.now
+            self._peak = self.now
+            self._since = time.monotonic()
+
+    def enter(self, texts: int) -> None:
+        self.now += texts
+        self._roll()
+        self._peak = max(self._peak, self.now)
+
+    def leave(self, texts: int) -> None:
+        self.now -= texts
+
+    def recent_peak(self) -> int:
+        self._roll()
+        return max(self._peak, self._previous, self.now)
+
+
 def _infer(classifier: Any, texts: list[str], threads: int) -> np.ndarray:
     """One forward pass over ``texts``, in a worker thread.
 
@@ -767,6 +805,7 @@ class Classifier:
         self._candidate_options_loaded: ServeOptions | None = None
         self._shadow: ShadowMirror | None = None
         self._candidate_lock = asyncio.Lock()
+        self._in_flight = _InFlight()
         self._batch_size = metrics.Histogram(
             "ct_serve_batch_size", description="Texts per forward pass.", boundaries=BATCH_BOUNDARIES
         )
@@ -1118,6 +1157,7 @@ class Classifier:
                 "max_text_chars": options.max_text_chars,
                 "max_batch_size": options.max_batch_size,
                 "batch_wait_timeout_s": options.batch_wait_timeout_s,
+                "adaptive_batching": options.adaptive_batching,
                 "auth": "bearer" if os.environ.get(API_TOKEN_ENV) else "none",
             },
         )
@@ -1293,7 +1333,15 @@ class Classifier:
             raise InputError(
                 500, f"model {model.name} v{model.version}: injected fault (candidate.inject_error_rate)"
             )
-        rows = await asyncio.gather(*(self._classify((text, model)) for text in texts))
+        options = self._options or ServeOptions()
+        self._in_flight.enter(len(texts))
+        try:
+            if options.adaptive_batching:  # read when the batch's first text is queued
+                peak = self._in_flight.recent_peak()
+                self._classify.set_max_batch_size(max(1, min(options.max_batch_size, peak)))
+            rows = await asyncio.gather(*(self._classify((text, model)) for text in texts))
+        finally:
+            self._in_flight.leave(len(texts))
         failed = [(i, row.error) for i, row in enumerate(rows) if isinstance(row, _ItemFailed)]
         if failed:
             i, err = failed[0]
