@@ -222,6 +222,8 @@ def summarise_run(ranks: list[dict[str, Any]], started: float, ended: float) -> 
         "to_first_step_s": first_step - started,
         "loop_s": loop_s,
         "after_loop_s": ended - last_step,
+        # of which in the workers (ray: validation, checkpoint, report); the rest is their teardown
+        "after_loop_in_workers_s": max(r["left"] for r in ranks) - last_step,
         "samples": samples,
         "steps_per_rank": len(steps),
         "samples_per_s": samples / loop_s if loop_s > 0 else float("nan"),

@@ -62,6 +62,7 @@ def test_a_run_is_paced_by_its_slowest_rank(bench):
     assert row["end_to_end_s"] == 130.0
     assert row["to_first_step_s"] == 11.0  # the later rank's first step
     assert row["after_loop_s"] == pytest.approx(130.0 - (111.0 + 4.5))
+    assert row["after_loop_in_workers_s"] == pytest.approx(1211.0 - (1111.0 + 4.5))
     assert row["worker_entered_s"] == 6.0
     assert row["train_loss"] == 1.5
 
