@@ -143,6 +143,41 @@ def ray_num_cpus() -> str:
     return value or str(2 * (os.cpu_count() or 1))
 
 
+SERVE_INGRESSES = ("proxy", "haproxy")
+
+
+def serve_ingress_env(s: Settings) -> dict[str, str]:
+    """The Ray head's Serve ingress: ``CT_SERVE_INGRESS`` = ``proxy`` (default, Serve's Python HTTP
+    proxy) or ``haproxy`` (Ray's HAProxy ingress, benchmarks/README.md: the HTTP path costs ~0.4 ms
+    of CPU per request instead of ~2.6). Opt-in because Ray 2.60's HAProxy config binds its stats
+    page (8404) and Prometheus exporter (9101) on every interface, which the stack's loopback-only
+    rule forbids; its admin socket and config go under .state/ray/haproxy (mode 700), not /tmp."""
+    value = os.environ.get("CT_SERVE_INGRESS", "").strip().lower() or "proxy"
+    if value not in SERVE_INGRESSES:
+        raise SystemExit(f"CT_SERVE_INGRESS must be one of {list(SERVE_INGRESSES)}, got {value!r}")
+    if value == "proxy":
+        return {}
+    home = _haproxy_home(s)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(home / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(home / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(home),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(home / "server-state"),
+    }
+
+
+def _haproxy_home(s: Settings) -> Path:
+    return _state(s, "ray", "haproxy")
+
+
+def _prepare_ray(s: Settings) -> None:
+    _ensure_ray_token(s)
+    if serve_ingress_env(s):
+        _haproxy_home(s).mkdir(parents=True, exist_ok=True)
+        _haproxy_home(s).chmod(0o700)
+
+
 def _ray_token_path(s: Settings) -> Path:
     return _state(s, "ray", "auth_token")
 
@@ -547,13 +582,19 @@ def _services(s: Settings) -> dict[str, Service]:
         argv=ray_argv,
         # The nodes' own environment is where jobs and Serve replicas find the secrets (S3 keys,
         # CT_SERVE_API_TOKEN when set): a runtime_env is shown by the dashboard to all its users.
-        env={**base_env, **_node_secrets(s), **_ray_loopback_env(ray_host), "RAY_USAGE_STATS_ENABLED": "0"},
+        env={
+            **base_env,
+            **_node_secrets(s),
+            **_ray_loopback_env(ray_host),
+            **serve_ingress_env(s),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        },
         health=lambda: _ray_healthy(s),
         timeout_s=120,
         marker="gcs_server",
         daemonizes=True,
         stop_argv=[str(VENV_BIN / "ray"), "stop"],
-        before_start=lambda: _ensure_ray_token(s),
+        before_start=lambda: _prepare_ray(s),
     )
     airflow = Service(
         name="airflow",
