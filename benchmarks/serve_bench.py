@@ -561,17 +561,24 @@ def _batch_metrics(url: str | None) -> tuple[float, float] | None:
     return texts, batches
 
 
-def _mean_batch(url: str | None, before: tuple[float, float] | None, texts_done: int) -> float | None:
-    """Mean texts per forward pass over a mode (warm-up included), from the replica's metrics.
+def _mean_batch(
+    url: str | None,
+    before: tuple[float, float] | None,
+    texts_done: int,
+    reader: Any = None,
+    wait_s: float = 20.0,
+) -> float | None:
+    """Mean texts per forward pass over a mode (warm-up included), from the replica's metrics
+    (``reader(url)`` → (texts, batches) counters; default :func:`_batch_metrics`).
 
-    Ray exports metrics every few seconds: wait (at most 20 s) until the counter has counted
+    Ray exports metrics every few seconds: wait (at most ``wait_s``) until the counter has counted
     every text the mode got answers for.
     """
     if before is None:
         return None
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + wait_s
     while True:
-        after = _batch_metrics(url)
+        after = (reader or _batch_metrics)(url)
         if after is None:
             return None
         texts, batches = after[0] - before[0], after[1] - before[1]

@@ -61,6 +61,7 @@ from serve_bench import (
     _int_list,
     _local_pids,
     _machine,
+    _mean_batch,
     _niceness,
     _percentiles_ms,
     _renice,
@@ -169,17 +170,7 @@ def champion_batches(url: str | None) -> tuple[float, float] | None:
 def mean_batch(url: str | None, before: tuple[float, float] | None, texts_done: int) -> float | None:
     """Champion texts per forward pass over a level (warm-up included); waits (<= 15 s) for Ray's
     metrics export to count every text the level got answers for."""
-    if before is None:
-        return None
-    deadline = time.monotonic() + 15
-    while True:
-        after = champion_batches(url)
-        if after is None:
-            return None
-        texts, batches = after[0] - before[0], after[1] - before[1]
-        if texts >= texts_done or time.monotonic() > deadline:
-            return round(texts / batches, 2) if batches else None
-        time.sleep(1.0)
+    return _mean_batch(url, before, texts_done, reader=champion_batches, wait_s=15.0)
 
 
 # ----------------------------------------------------------------------------------------
