@@ -461,9 +461,10 @@ class ServeDeployer:
         deployment["user_config"] = user_config
         return config
 
-    def wait_for_candidate(self, target: ModelId | None, mode: str | None = None, checks: int = 6) -> Serving:
-        """Until ``checks`` answers in a row report ``target`` loaded as candidate in ``mode`` (or,
-        ``target`` None, no candidate). Fails at once on a replica's candidate load error."""
+    def _poll(self, checks: int, judge: Any) -> tuple[Serving | None, str]:
+        """Until the app is RUNNING and ``judge(answers)`` of ``checks`` answers in a row returns
+        a :class:`Serving` (done); ``judge`` returns a string describing what it saw otherwise, and
+        raises :class:`DeployError` to stop at once. (None, last seen) after ``timeout_s``."""
         deadline = time.monotonic() + self.timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -471,32 +472,43 @@ class ServeDeployer:
             if status in {"DEPLOY_FAILED", "UNHEALTHY"}:
                 raise DeployError(f"application {self.app_name!r} is {status}: {message.strip()[:2000]}")
             if status == "RUNNING":
-                answers = [self.serving() for _ in range(checks)]
-                seen = [a.candidate if a else "no answer" for a in answers]
-                if target is None and all(a is not None and a.candidate is None for a in answers):
-                    return answers[0]
-                for a in answers:
-                    cand = a.candidate if a else None
-                    if target is not None and cand and cand.get("load_error"):
-                        raise DeployError(
-                            f"the replicas could not load candidate {target}: {cand['load_error']}"
-                        )
-                if target is not None and all(
-                    a is not None
-                    and a.candidate
-                    and ModelId(
-                        a.candidate["name"], str(a.candidate.get("version")), a.candidate.get("run_id")
-                    ).matches(target)
-                    and (mode is None or a.candidate.get("mode") == mode)
-                    for a in answers
-                ):
-                    return answers[0]
-                last = str(seen[0])[:300]
+                verdict = judge([self.serving() for _ in range(checks)])
+                if isinstance(verdict, Serving):
+                    return verdict, ""
+                last = verdict
             else:
                 last = f"application {status}"
             time.sleep(self.poll_s)
-        wanted = f"candidate {target} ({mode})" if target else "no candidate"
-        raise DeployError(f"{wanted} was not in place after {self.timeout_s:.0f} s (last seen: {last})")
+        return None, last
+
+    def wait_for_candidate(self, target: ModelId | None, mode: str | None = None, checks: int = 6) -> Serving:
+        """Until ``checks`` answers in a row report ``target`` loaded as candidate in ``mode`` (or,
+        ``target`` None, no candidate). Fails at once on a replica's candidate load error."""
+
+        def judge(answers: list[Serving | None]) -> Serving | str:
+            if target is None and all(a is not None and a.candidate is None for a in answers):
+                return answers[0]
+            for a in answers:
+                cand = a.candidate if a else None
+                if target is not None and cand and cand.get("load_error"):
+                    raise DeployError(f"the replicas could not load candidate {target}: {cand['load_error']}")
+            if target is not None and all(
+                a is not None
+                and a.candidate
+                and ModelId(
+                    a.candidate["name"], str(a.candidate.get("version")), a.candidate.get("run_id")
+                ).matches(target)
+                and (mode is None or a.candidate.get("mode") == mode)
+                for a in answers
+            ):
+                return answers[0]
+            return str(answers[0].candidate if answers[0] else "no answer")[:300]
+
+        found, last = self._poll(checks, judge)
+        if found is None:
+            wanted = f"candidate {target} ({mode})" if target else "no candidate"
+            raise DeployError(f"{wanted} was not in place after {self.timeout_s:.0f} s (last seen: {last})")
+        return found
 
     def _file_config(self, running: dict[str, Any] | None) -> dict[str, Any]:
         """The running config plus our new application, made from ``serve/config.yaml``'s
@@ -599,27 +611,22 @@ class ServeDeployer:
         end in a timeout, and a config left pointing at a broken model takes the service down at
         the next replica restart.
         """
-        deadline = time.monotonic() + self.timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            status, message = self.app_status()
-            if status in {"DEPLOY_FAILED", "UNHEALTHY"}:
-                raise DeployError(f"application {self.app_name!r} is {status}: {message.strip()[:2000]}")
-            if status == "RUNNING":
-                answers = [self.serving() for _ in range(replicas_checks)]
-                if all(a is not None and a.model.matches(target) for a in answers):
-                    return answers[0]
-                failed = [a for a in answers if a is not None and a.failed_to_load(target)]
-                if failed:
-                    raise DeployError(
-                        f"the replicas could not load {target} and kept {failed[0].model}: "
-                        f"{failed[0].last_load_error}"
-                    )
-                last = ", ".join(str(a.model) if a else "no answer" for a in answers)
-            else:
-                last = f"application {status}"
-            time.sleep(self.poll_s)
-        raise DeployError(f"{target} was not serving after {self.timeout_s:.0f} s (last seen: {last})")
+
+        def judge(answers: list[Serving | None]) -> Serving | str:
+            if all(a is not None and a.model.matches(target) for a in answers):
+                return answers[0]
+            failed = [a for a in answers if a is not None and a.failed_to_load(target)]
+            if failed:
+                raise DeployError(
+                    f"the replicas could not load {target} and kept {failed[0].model}: "
+                    f"{failed[0].last_load_error}"
+                )
+            return ", ".join(str(a.model) if a else "no answer" for a in answers)
+
+        found, last = self._poll(replicas_checks, judge)
+        if found is None:
+            raise DeployError(f"{target} was not serving after {self.timeout_s:.0f} s (last seen: {last})")
+        return found
 
     def rollback(
         self, previous_config: dict[str, Any] | None, previous: ModelId | dict | None, reason: str
