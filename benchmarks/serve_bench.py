@@ -536,12 +536,13 @@ def _niceness(pid: int) -> int | None:
     return int(raw[raw.rindex(")") + 2 :].split()[16])  # field 19 of stat(5)
 
 
-def _batch_metrics(url: str | None) -> tuple[float, float] | None:
+def _batch_metrics(url: str | None, role: str | None = None) -> tuple[float, float] | None:
     """(texts, forward passes) the replica has counted for our app (Ray metrics), or None.
 
-    Texts come from the ``ct_serve_texts`` counter and passes from the ``ct_serve_batch_size``
-    histogram's count. Not from the histogram's ``_sum``: Ray 2.60 exports one lower than the
-    texts its buckets hold.
+    Texts come from the ``ct_serve_texts`` counter (only those of ``role``, e.g. ``champion``, when
+    given: a shadow's answers count there too but run no batch) and passes from the
+    ``ct_serve_batch_size`` histogram's count. Not from the histogram's ``_sum``: Ray 2.60 exports
+    one lower than the texts its buckets hold.
     """
     if not url:
         return None
@@ -554,7 +555,7 @@ def _batch_metrics(url: str | None) -> tuple[float, float] | None:
     texts = batches = 0.0
     for line in text.splitlines():
         if f'application="{APP_NAME}"' in line:
-            if line.startswith("ray_ct_serve_texts_total{"):
+            if line.startswith("ray_ct_serve_texts_total{") and (role is None or f'role="{role}"' in line):
                 texts += float(line.rsplit(" ", 1)[1])
             elif line.startswith("ray_ct_serve_batch_size_count{"):
                 batches += float(line.rsplit(" ", 1)[1])

@@ -56,6 +56,7 @@ from serve_bench import (
     Window,
     _aiohttp_load,
     _auth_header,
+    _batch_metrics,
     _float_list,
     _git_commit,
     _int_list,
@@ -143,28 +144,10 @@ class ShadowProbe(threading.Thread):
 
 
 def champion_batches(url: str | None) -> tuple[float, float] | None:
-    """(texts, forward passes) of the champion in our app, from the replica's Ray metrics.
-
-    Only ``role="champion"``: the shadow's answers count in ``ct_serve_texts`` too (``role="shadow"``)
-    but not in ``ct_serve_batch_size``.
-    """
-    if not url:
-        return None
-    import requests
-
-    try:
-        text = requests.get(url, timeout=5).text
-    except requests.RequestException:
-        return None
-    texts = batches = 0.0
-    for line in text.splitlines():
-        if f'application="{APP_NAME}"' not in line:
-            continue
-        if line.startswith("ray_ct_serve_texts_total{") and 'role="champion"' in line:
-            texts += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("ray_ct_serve_batch_size_count{"):
-            batches += float(line.rsplit(" ", 1)[1])
-    return texts, batches
+    """(texts, forward passes) of the champion in our app, from the replica's Ray metrics: only
+    ``role="champion"`` texts (the shadow's answers count in ``ct_serve_texts`` too, as
+    ``role="shadow"``, but not in ``ct_serve_batch_size``)."""
+    return _batch_metrics(url, role="champion")
 
 
 def mean_batch(url: str | None, before: tuple[float, float] | None, texts_done: int) -> float | None:
